@@ -101,6 +101,8 @@ class ChatMessage(_StrictModel):
             return value
         if not isinstance(value, list):
             raise _invalid(f"must be a string or a list of text parts, got {describe_value(value)}")
+        if not value:
+            raise _invalid("must contain at least one text part")
         for i, part in enumerate(value):
             if not isinstance(part, dict):
                 raise _invalid(
@@ -108,8 +110,8 @@ class ChatMessage(_StrictModel):
                 )
             if part.get("type") != "text":
                 raise _invalid(
-                    f'has type {describe_value(part.get("type"))}; only text parts ("type": "text") are supported',
-                    f"[{i}]",
+                    f'is {describe_value(part.get("type"))}; only text parts ("type": "text") are supported',
+                    f"[{i}].type",
                 )
             if not isinstance(part.get("text"), str):
                 raise _invalid(f"must be a string, got {describe_value(part.get('text'))}", f"[{i}].text")
@@ -124,10 +126,10 @@ class ChatMessage(_StrictModel):
 
     @property
     def text(self) -> str:
-        """The content as one string, with text parts joined without a separator."""
+        """The content as one string, text parts joined by newlines as molten.tokenization.chat does."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part["text"] for part in self.content)
+        return "\n".join(part["text"] for part in self.content)
 
 
 _COMMON_EXPECTATIONS: dict[str, str] = {
@@ -357,15 +359,10 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.logprobs, self.top_logprobs or 0
 
     def message_dicts(self) -> list[dict[str, str]]:
-        """Messages as plain {role, content[, name]} dicts for a chat template.
-
-        Content parts are joined into one string. The `developer` role becomes `system`:
-        OpenAI introduced it as the new name for system messages, so chat templates
-        written before it handle only `system`.
-        """
+        """Return the messages as plain {role, content[, name]} dicts, content parts joined into one string."""
         result = []
         for message in self.messages:
-            entry = {"role": "system" if message.role == "developer" else message.role, "content": message.text}
+            entry = {"role": message.role, "content": message.text}
             if message.name is not None:
                 entry["name"] = message.name
             result.append(entry)

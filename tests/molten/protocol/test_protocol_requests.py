@@ -463,9 +463,10 @@ def test_missing_messages_rejected():
     [
         (
             [{"type": "image_url", "image_url": {"url": "x"}}],
-            "messages[0].content[0]",
-            'has type "image_url"; only text parts',
+            "messages[0].content[0].type",
+            'is "image_url"; only text parts',
         ),
+        ([], "messages[0].content", "must contain at least one text part"),
         (["hi"], "messages[0].content[0]", "must be an object"),
         ([{"type": "text", "text": 5}], "messages[0].content[0].text", "must be a string, got 5"),
         (42, "messages[0].content", "must be a string or a list of text parts, got 42"),
@@ -477,22 +478,22 @@ def test_invalid_content_parts_rejected(content, param, fragment):
     assert fragment in error.message
 
 
-def test_message_dicts_join_parts_and_map_developer():
+def test_message_dicts_join_text_parts():
     request = ChatCompletionRequest.from_body(
         chat_body(
             messages=[
                 {"role": "developer", "content": "Be brief."},
                 {
                     "role": "user",
-                    "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there"}],
+                    "content": [{"type": "text", "text": "Hello,"}, {"type": "text", "text": "there"}],
                     "name": "ann",
                 },
             ]
         )
     )
     assert request.message_dicts() == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hello, there", "name": "ann"},
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Hello,\nthere", "name": "ann"},
     ]
 
 
