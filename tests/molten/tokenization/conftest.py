@@ -66,3 +66,9 @@ def build_llama_style_tokenizer(add_bos: bool = False, chat_template: str | None
 @pytest.fixture(scope="session")
 def llama_style_tokenizer():
     return build_llama_style_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def make_llama_style_tokenizer():
+    """Factory for Llama-style tokenizers with a chosen BOS behavior and chat template."""
+    return build_llama_style_tokenizer
