@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from molten.tokenization import StopStringMatcher
+from molten.tokenization import IncrementalDetokenizer, StopStringMatcher
 
 
 def run_matcher(stop: list[str], deltas: list[str]) -> tuple[list[str], bool, str]:
@@ -236,3 +236,34 @@ def test_random_splittings_match_character_stream():
             chunks, _, flushed = run_matcher(stop, random_splitting(text, rng))
 
             assert "".join(chunks) + flushed == expected, stop
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        (["😀 END"], "Answer: 日本語 "),
+        (["語"], "Answer: 日本"),
+        (["本語 😀"], "Answer: 日"),
+        (["nowhere"], "Answer: 日本語 😀 END of text"),
+    ],
+)
+def test_stop_on_detokenized_byte_tokens(smollm2_tokenizer, stop, expected):
+    # CJK characters and the emoji span several byte-level tokens, so the stop
+    # strings complete only once the detokenizer releases whole characters.
+    token_ids = smollm2_tokenizer.encode("Answer: 日本語 😀 END of text")
+    detokenizer = IncrementalDetokenizer(smollm2_tokenizer, prompt_token_ids=[])
+    matcher = StopStringMatcher(stop)
+
+    chunks = []
+    stopped = False
+    for token_id in token_ids:
+        chunk, stopped = matcher.feed(detokenizer.add_token(token_id))
+        chunks.append(chunk)
+        if stopped:
+            break
+    if not stopped:
+        chunks.append(matcher.feed(detokenizer.flush())[0])
+        chunks.append(matcher.flush())
+
+    assert "".join(chunks) == expected
+    assert stopped == (expected != "Answer: 日本語 😀 END of text")
