@@ -1,0 +1,433 @@
+"""The synchronous engine: admits requests and runs schedule -> execute -> update steps.
+
+`LLMEngine` is single-threaded and owns every piece of mutable state. Serving code
+drives it through `AsyncEngine` (async_engine.py), which runs the step loop on one
+thread and streams `TokenEvent`s to asyncio consumers.
+
+Disaggregated serving uses two engines: the prefill engine admits a request with
+`prefill_only=True`, computes the prompt and samples the first token, and
+`export_sequence` packs the sequence with its KV blocks into a `KVHandoff`; the decode
+engine's `import_sequence` writes those blocks into its own pool and the sequence joins
+its running batch as if it had been prefilled there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from molten.config import EngineConfig, EngineFacts
+from molten.engine.block_manager import BlockManager
+from molten.engine.events import HandoffStats, TokenEvent
+from molten.engine.kv_cache import KVCacheSpec, PagedKVCache, num_blocks_for_memory
+from molten.engine.model_runner import ModelRunner, RunnerOutput
+from molten.engine.sampler import SampledToken
+from molten.engine.sampling_params import SamplingParams
+from molten.engine.scheduler import Scheduler, SchedulerOutput
+from molten.engine.sequence import Sequence, SequenceStatus, make_generator
+from molten.tokenization.detokenizer import IncrementalDetokenizer
+from molten.tokenization.stop import StopStringMatcher
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+class PromptTooLongError(ValueError):
+    def __init__(self, num_prompt_tokens: int, max_model_len: int):
+        super().__init__(f"prompt is {num_prompt_tokens} tokens, the context window is {max_model_len}")
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_model_len = max_model_len
+
+
+class EmptyPromptError(ValueError):
+    def __init__(self) -> None:
+        super().__init__("prompt must not be empty")
+
+
+@dataclass
+class KVHandoff:
+    """A prefilled sequence and its KV blocks, as sent from the prefill to the decode worker."""
+
+    request_id: str
+    seq_index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int
+    sampling_params: SamplingParams
+    arrival_time: float
+    priority: int
+    generator_state: torch.Tensor | None
+    first_token_time: float | None
+    block_hashes: list[int | None]
+    kv: torch.Tensor
+    """[layers, 2, num_blocks, kv_block_size, kv_heads, head_dim]: K/V of tokens 0..num_prompt_tokens-1."""
+    export_ms: float
+    created_at: float
+    """Wall-clock time the export finished, to measure transfer time on the other side."""
+
+    @property
+    def num_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+class OutputProcessor:
+    """Per-sequence text state: incremental detokenization and stop-string hold-back."""
+
+    def __init__(self, tokenizer, seq: Sequence):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, seq.token_ids[: seq.num_prompt_tokens])
+        self.stop_matcher = StopStringMatcher(seq.sampling_params.stop) if seq.sampling_params.stop else None
+
+    def replay(self, token_ids: list[int]) -> None:
+        """Rebuild state for tokens already streamed elsewhere (after a KV import)."""
+        for token_id in token_ids:
+            self.add_token(token_id)
+
+    def add_token(self, token_id: int) -> tuple[str, bool]:
+        """Return (text to emit, whether a stop string completed)."""
+        delta = self.detokenizer.add_token(token_id)
+        if self.stop_matcher is None:
+            return delta, False
+        return self.stop_matcher.feed(delta)
+
+    def finish(self) -> str:
+        tail = self.detokenizer.flush()
+        if self.stop_matcher is None:
+            return tail
+        text, stopped = self.stop_matcher.feed(tail)
+        return text if stopped else text + self.stop_matcher.flush()
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded_model):
+        """`loaded_model` is a `molten.models.LoadedModel` (model, tokenizer, eos ids, context window)."""
+        config.validate()
+        self.config = config
+        self.model = loaded_model.model
+        self.tokenizer = loaded_model.tokenizer
+        model_config = self.model.config
+        max_model_len = config.max_model_len or min(loaded_model.max_model_len, MAX_DEFAULT_MODEL_LEN)
+        spec = KVCacheSpec(
+            num_layers=model_config.num_hidden_layers,
+            num_kv_heads=getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads,
+            head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
+            dtype=next(self.model.parameters()).dtype,
+            kv_block_size=config.cache.kv_block_size,
+        )
+        num_blocks = config.cache.num_kv_blocks or num_blocks_for_memory(spec, config.cache.kv_cache_memory_mib)
+        self.kv_cache = PagedKVCache(spec, num_blocks)
+        self.block_manager = BlockManager(num_blocks, spec.kv_block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.facts = EngineFacts(
+            model_id=loaded_model.model_id,
+            max_model_len=max_model_len,
+            num_kv_blocks=num_blocks,
+            kv_block_size=spec.kv_block_size,
+            kv_bytes_per_token=spec.bytes_per_token,
+            eos_token_ids=frozenset(loaded_model.eos_token_ids),
+            num_layers=spec.num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            dtype=str(spec.dtype).removeprefix("torch."),
+        )
+        self.sequences: dict[str, list[Sequence]] = {}
+        self.outputs: dict[int, OutputProcessor] = {}
+        self.prefilled: dict[str, Sequence] = {}
+        self.last_step: SchedulerOutput | None = None
+        self.num_steps = 0
+        logger.info(
+            "engine ready: model=%s max_model_len=%d kv_blocks=%d x %d tokens (%.1f MiB)",
+            self.facts.model_id, max_model_len, num_blocks, spec.kv_block_size, self.kv_cache.num_bytes / 2**20,
+        )
+
+    # -- admission ----------------------------------------------------------------------
+
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        if num_prompt_tokens == 0:
+            raise EmptyPromptError()
+        if num_prompt_tokens >= self.facts.max_model_len:
+            raise PromptTooLongError(num_prompt_tokens, self.facts.max_model_len)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        prefill_only: bool = False,
+    ) -> None:
+        """Queue a request. Raises EmptyPromptError, PromptTooLongError or QueueFullError."""
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        if sampling_params.n != 1:
+            raise ValueError("the engine takes one sequence per request; fan out n > 1 before adding")
+        self.check_prompt(len(prompt_token_ids))
+        seq = Sequence(
+            request_id=request_id,
+            token_ids=list(prompt_token_ids),
+            num_prompt_tokens=len(prompt_token_ids),
+            sampling_params=sampling_params,
+            arrival_time=arrival_time if arrival_time is not None else time.time(),
+            priority=priority,
+            generator=make_generator(sampling_params.seed),
+            prefill_only=prefill_only,
+        )
+        self.scheduler.add(seq)
+        self.sequences[request_id] = [seq]
+        self.outputs[seq.seq_id] = OutputProcessor(self.tokenizer, seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; True if it was still in the engine."""
+        seqs = self.sequences.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            self.scheduler.remove(seq)
+            self.prefilled.pop(request_id, None)
+            seq.status = SequenceStatus.FINISHED_ABORTED
+            self.outputs.pop(seq.seq_id, None)
+        logger.info("aborted request %s", request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -----------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        self.scheduler.check_invariants(scheduler_output)
+        runner_output = self.runner.execute(scheduler_output)
+        events = self._update(scheduler_output, runner_output)
+        self.last_step = scheduler_output
+        self.num_steps += 1
+        if self.config.log_step_stats:
+            logger.debug(
+                "step %d: %d seqs, %d prefill + %d decode tokens, forward %.1f ms",
+                scheduler_output.step_id, len(scheduler_output.scheduled), scheduler_output.num_prefill_tokens,
+                scheduler_output.num_decode_tokens, runner_output.forward_ms,
+            )
+        return events
+
+    def _update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[TokenEvent]:
+        events = []
+        batch_size = len(scheduler_output.scheduled)
+        now = time.time()
+        for item in scheduler_output.scheduled:
+            seq = item.seq
+            computed_before = seq.num_computed_tokens
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.register_full_blocks(seq, computed_before)
+            sampled = runner_output.sampled.get(seq.seq_id)
+            if sampled is None:
+                continue
+            origin = "prefill" if seq.num_output_tokens == 0 else "decode"
+            events.append(self._append_token(seq, sampled, now, scheduler_output.step_id, batch_size, origin))
+        return events
+
+    def _append_token(
+        self, seq: Sequence, sampled: SampledToken, now: float, step_id: int, batch_size: int, origin: str
+    ) -> TokenEvent:
+        seq.token_ids.append(sampled.token_id)
+        seq.token_times.append(now)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        params = seq.sampling_params
+        output = self.outputs[seq.seq_id]
+        text, stop_string_hit = output.add_token(sampled.token_id)
+
+        status = None
+        is_eos = sampled.token_id in self.facts.eos_token_ids and not params.ignore_eos
+        if stop_string_hit or is_eos or sampled.token_id in params.stop_token_ids:
+            status = SequenceStatus.FINISHED_STOPPED
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.facts.max_model_len:
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None and not stop_string_hit:
+            text += output.finish()
+
+        top = None
+        if sampled.top_logprobs is not None:
+            top = [(tid, self.tokenizer.decode([tid]), lp) for tid, lp in sampled.top_logprobs]
+        event = TokenEvent(
+            request_id=seq.request_id,
+            seq_index=seq.seq_index,
+            token_id=sampled.token_id,
+            text=text,
+            logprob=sampled.logprob,
+            top_logprobs=top,
+            time_since_arrival_ms=(now - seq.arrival_time) * 1000,
+            step_id=step_id,
+            batch_size=batch_size,
+            origin=origin,
+            index=seq.num_output_tokens - 1,
+            finish_reason=status.finish_reason if status is not None else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+        )
+        if status is not None:
+            self._finish(seq, status)
+        elif seq.prefill_only:
+            # Keep the blocks for export; the decode worker continues from here.
+            self.scheduler.running.remove(seq)
+            seq.status = SequenceStatus.PREFILLED
+            self.prefilled[seq.request_id] = seq
+        return event
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        seq.status = status
+        self.scheduler.remove(seq)
+        self.sequences.pop(seq.request_id, None)
+        self.outputs.pop(seq.seq_id, None)
+
+    # -- disaggregation -----------------------------------------------------------------
+
+    def export_sequence(self, request_id: str) -> KVHandoff:
+        """Pack a PREFILLED sequence and its KV blocks, then release it from this engine.
+
+        Its full blocks stay in this engine's prefix cache after release.
+        """
+        t0 = time.perf_counter()
+        seq = self.prefilled.pop(request_id)
+        # The last sampled token has no K/V yet, so only the prompt's blocks travel.
+        num_blocks = seq.num_blocks_for(seq.num_computed_tokens, self.block_manager.kv_block_size)
+        block_ids = seq.block_table[:num_blocks]
+        kv = self.kv_cache.export_blocks(block_ids)
+        hashes = [self.block_manager.blocks[b].block_hash for b in block_ids]
+        generator_state = seq.generator.get_state() if seq.generator is not None else None
+        handoff = KVHandoff(
+            request_id=seq.request_id,
+            seq_index=seq.seq_index,
+            token_ids=list(seq.token_ids),
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            sampling_params=seq.sampling_params,
+            arrival_time=seq.arrival_time,
+            priority=seq.priority,
+            generator_state=generator_state,
+            first_token_time=seq.first_token_time,
+            block_hashes=hashes,
+            kv=kv,
+            export_ms=(time.perf_counter() - t0) * 1000,
+            created_at=time.time(),
+        )
+        self.block_manager.free(seq)
+        self.sequences.pop(seq.request_id, None)
+        self.outputs.pop(seq.seq_id, None)
+        seq.status = SequenceStatus.FINISHED_STOPPED
+        return handoff
+
+    def import_sequence(self, handoff: KVHandoff) -> HandoffStats:
+        """Write a handoff's KV blocks into this engine's pool and queue the sequence to decode.
+
+        Raises QueueFullError when the decode side is saturated, and MemoryError when the
+        blocks do not fit even after freeing the prefix cache.
+        """
+        t0 = time.perf_counter()
+        transfer_ms = max(0.0, (time.time() - handoff.created_at) * 1000)
+        if handoff.request_id in self.sequences:
+            raise ValueError(f"request id {handoff.request_id!r} is already in the engine")
+        seq = Sequence(
+            request_id=handoff.request_id,
+            token_ids=list(handoff.token_ids),
+            num_prompt_tokens=handoff.num_prompt_tokens,
+            sampling_params=handoff.sampling_params,
+            arrival_time=handoff.arrival_time,
+            priority=handoff.priority,
+            seq_index=handoff.seq_index,
+            generator=make_generator(0) if handoff.generator_state is not None else None,
+            num_cached_prompt_tokens=handoff.num_cached_prompt_tokens,
+            first_token_time=handoff.first_token_time,
+        )
+        if seq.generator is not None:
+            seq.generator.set_state(handoff.generator_state)
+
+        size = self.block_manager.kv_block_size
+        num_blocks = handoff.kv.shape[2]
+        reused = 0
+        to_import: list[tuple[int, int]] = []  # (position in handoff, local block id)
+        for index in range(num_blocks):
+            block_hash = handoff.block_hashes[index]
+            tokens = tuple(handoff.token_ids[index * size : (index + 1) * size])
+            local = None
+            if block_hash is not None and self.block_manager.enable_prefix_caching and reused == index:
+                local = self.block_manager.lookup_cached_block(block_hash, tokens)
+            if local is not None:
+                self.block_manager.ref_cached_block(local)
+                seq.block_table.append(local)
+                reused += 1
+                continue
+            block_id = self.block_manager.allocate_block()
+            if block_id is None:
+                self.block_manager.free(seq)
+                raise MemoryError(f"no free KV blocks to import request {handoff.request_id}")
+            seq.block_table.append(block_id)
+            to_import.append((index, block_id))
+
+        if to_import:
+            positions = torch.tensor([p for p, _ in to_import], dtype=torch.long)
+            self.kv_cache.import_blocks([b for _, b in to_import], handoff.kv.index_select(2, positions))
+        self.block_manager.register_imported_blocks(
+            [b for _, b in to_import],
+            [handoff.block_hashes[p] for p, _ in to_import],
+            [tuple(handoff.token_ids[p * size : (p + 1) * size]) for p, _ in to_import],
+        )
+        seq.num_computed_tokens = handoff.num_prompt_tokens
+        self.scheduler.add(seq)
+        self.sequences[seq.request_id] = [seq]
+        output = OutputProcessor(self.tokenizer, seq)
+        output.replay(seq.output_token_ids)
+        self.outputs[seq.seq_id] = output
+        return HandoffStats(
+            num_bytes=handoff.num_bytes,
+            num_blocks=num_blocks,
+            export_ms=handoff.export_ms,
+            transfer_ms=transfer_ms,
+            import_ms=(time.perf_counter() - t0) * 1000,
+            reused_blocks=reused,
+        )
+
+    # -- introspection ------------------------------------------------------------------
+
+    def live_sequences(self) -> list[Sequence]:
+        return [seq for seqs in self.sequences.values() for seq in seqs]
+
+    def check_block_accounting(self) -> None:
+        self.block_manager.check_invariants(self.live_sequences())
+
+    def kv_state(self) -> dict:
+        state = self.block_manager.snapshot()
+        state["sequences"] = [
+            {
+                "request_id": s.request_id,
+                "status": s.status.name.lower(),
+                "num_tokens": s.num_tokens,
+                "num_computed_tokens": s.num_computed_tokens,
+                "block_table": list(s.block_table),
+            }
+            for s in self.live_sequences()
+        ]
+        state["num_waiting"] = len(self.scheduler.waiting)
+        state["num_running"] = len(self.scheduler.running)
+        return state
+
+    # -- convenience for tests and benchmarks -------------------------------------------
+
+    def generate(self, prompts: list[list[int]], sampling_params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion as one continuous batch; return each one's generated token ids."""
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, params):
+            self.add_request(request_id, prompt, p)
+        outputs: dict[str, list[int]] = {request_id: [] for request_id in ids}
+        while self.has_unfinished():
+            for event in self.step():
+                outputs[event.request_id].append(event.token_id)
+        return [outputs[request_id] for request_id in ids]

@@ -1,0 +1,124 @@
+"""Runs one scheduled step through the model: packs inputs, builds attention metadata, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from molten.engine.attention import ATTENTION_IMPLEMENTATION, METADATA_KWARG, AttentionMetadata, PrefillSegment
+from molten.engine.kv_cache import PagedKVCache
+from molten.engine.sampler import SampledToken, sample
+from molten.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[int, SampledToken] = field(default_factory=dict)
+    """Sampled token per seq_id, for sequences whose scheduled tokens reached their end."""
+    forward_ms: float = 0.0
+    sample_ms: float = 0.0
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.kv_block_size = kv_cache.spec.kv_block_size
+        model.config._attn_implementation = ATTENTION_IMPLEMENTATION
+        # Some models keep a copy of the config per submodule; point all of them at the paged kernel.
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = ATTENTION_IMPLEMENTATION
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        size = self.kv_block_size
+        return [block_table[i // size] * size + i % size for i in range(start, end)]
+
+    def prepare(self, scheduler_output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        decode_index: list[int] = []
+        decode_slots: list[list[int]] = []
+        segments: list[PrefillSegment] = []
+        logits_index: list[int] = []
+
+        for item in scheduler_output.scheduled:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            offset = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(self._slots(seq.block_table, start, end))
+
+            if item.num_new_tokens == 1 and start > 0:
+                decode_index.append(offset)
+                decode_slots.append(self._slots(seq.block_table, 0, end))
+            elif start == 0:
+                segments.append(PrefillSegment(offset, offset + item.num_new_tokens, None, None))
+            else:
+                context = torch.tensor(self._slots(seq.block_table, 0, end), dtype=torch.long)
+                query_pos = torch.arange(start, end).unsqueeze(1)
+                mask = torch.arange(end).unsqueeze(0) <= query_pos  # [chunk, context]
+                segments.append(PrefillSegment(offset, offset + item.num_new_tokens, context, mask))
+            if end == seq.num_tokens:
+                logits_index.append(offset + item.num_new_tokens - 1)
+
+        metadata = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
+            decode_token_index=None,
+            decode_context_slots=None,
+            decode_mask=None,
+            prefill_segments=segments,
+        )
+        if decode_index:
+            max_len = max(len(s) for s in decode_slots)
+            padded = torch.zeros(len(decode_slots), max_len, dtype=torch.long)
+            mask = torch.zeros(len(decode_slots), 1, 1, max_len, dtype=torch.bool)
+            for row, slots in enumerate(decode_slots):
+                padded[row, : len(slots)] = torch.tensor(slots, dtype=torch.long)
+                mask[row, 0, 0, : len(slots)] = True
+            metadata.decode_token_index = torch.tensor(decode_index, dtype=torch.long)
+            metadata.decode_context_slots = padded
+            metadata.decode_mask = mask
+
+        ids = torch.tensor(input_ids, dtype=torch.long).unsqueeze(0)  # [1, tokens]
+        pos = torch.tensor(positions, dtype=torch.long).unsqueeze(0)
+        return ids, pos, metadata, logits_index
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        import time
+
+        t0 = time.perf_counter()
+        ids, pos, metadata, logits_index = self.prepare(scheduler_output)
+        output = RunnerOutput()
+        if not logits_index:
+            # Only partial prefill chunks this step: compute K/V, skip the LM head entirely.
+            self.model.base_model(input_ids=ids, position_ids=pos, use_cache=False, **{METADATA_KWARG: metadata})
+            output.forward_ms = (time.perf_counter() - t0) * 1000
+            return output
+
+        logits = self.model(
+            input_ids=ids,
+            position_ids=pos,
+            use_cache=False,
+            logits_to_keep=torch.tensor(logits_index, dtype=torch.long),
+            **{METADATA_KWARG: metadata},
+        ).logits[0]  # [num_sampled, vocab]
+        t1 = time.perf_counter()
+
+        sampling_seqs = [
+            item.seq
+            for item in scheduler_output.scheduled
+            if item.seq.num_computed_tokens + item.num_new_tokens == item.seq.num_tokens
+        ]
+        for seq, token in zip(sampling_seqs, sample(logits, sampling_seqs)):
+            output.sampled[seq.seq_id] = token
+        output.forward_ms = (t1 - t0) * 1000
+        output.sample_ms = (time.perf_counter() - t1) * 1000
+        return output
