@@ -1,0 +1,137 @@
+"""The `molten` command: serve the playground, chat in a terminal, and manage models.
+
+Each subcommand imports its implementation when it runs, so `molten --help` stays fast
+and `molten models ...` never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]), run the subcommand, and return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return args.run(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="molten",
+        description="Molten: a readable, instrumented LLM inference engine on Ray Serve.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subcommands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = subcommands.add_parser(
+        "serve", help="start Ray Serve, the OpenAI-compatible API and the playground"
+    )
+    serve.set_defaults(run=_run_serve)
+
+    chat = subcommands.add_parser("chat", help="chat with a model in the terminal")
+    chat.set_defaults(run=_run_chat)
+
+    _add_models_parser(subcommands)
+    return parser
+
+
+def _add_models_parser(subcommands: argparse._SubParsersAction) -> None:
+    models = subcommands.add_parser("models", help="list and fetch models")
+    models.set_defaults(run=lambda args: _print_help_and_fail(models))
+    model_commands = models.add_subparsers(title="models commands", metavar="COMMAND")
+
+    list_parser = model_commands.add_parser(
+        "list", help="list catalog models, whether each is available offline, and its size"
+    )
+    list_parser.set_defaults(run=_run_models_list)
+
+    fetch = model_commands.add_parser(
+        "fetch",
+        help="verify, convert and load a model once, so later starts are fast",
+        description=(
+            "Verify, convert and load a model once. For the bundled model this checks the "
+            "GGUF file's size and sha256 and converts it into $MOLTEN_HOME/models "
+            "(default ~/.cache/molten/models); for a hub id it downloads the model."
+        ),
+    )
+    fetch.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="catalog name, local directory, .gguf file or Hugging Face id "
+        "(default: the bundled smollm2-135m-instruct)",
+    )
+    fetch.set_defaults(run=_run_models_fetch)
+
+
+def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _run_serve(args: argparse.Namespace) -> int | None:
+    from molten.cli_serve import serve
+
+    return serve(args)
+
+
+def _run_chat(args: argparse.Namespace) -> int | None:
+    from molten.cli_chat import chat
+
+    return chat(args)
+
+
+def _run_models_list(args: argparse.Namespace) -> int:
+    from molten.models import list_models
+
+    entries = list_models()
+    rows = [("NAME", "KIND", "SIZE", "STATUS")]
+    for entry in entries:
+        name = f"{entry.name} (default)" if entry.is_default else entry.name
+        rows.append((name, str(entry.kind), _format_bytes(entry.num_bytes), entry.status))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    for entry in entries:
+        if entry.location:
+            print(f"{entry.name}: {entry.location}")
+    return 0
+
+
+def _run_models_fetch(args: argparse.Namespace) -> int:
+    from molten.models import DEFAULT_MODEL, ModelError, ensure_bundled_cache, load_model, resolve_model
+    from molten.models.catalog import SourceKind
+
+    def show(message: str) -> None:
+        print(f"[molten] {message}", file=sys.stderr, flush=True)
+
+    try:
+        source = resolve_model(args.model or DEFAULT_MODEL)
+        if source.kind is SourceKind.BUNDLED:
+            ensure_bundled_cache(show, verify_source=True)
+        loaded = load_model(source, progress=show)
+    except ModelError as error:
+        print(f"molten: error: {error}", file=sys.stderr)
+        return 1
+    print(f"{loaded.model_id} is ready ({loaded.source.description})")
+    return 0
+
+
+def _format_bytes(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "-"
+    return f"{num_bytes / 1e6:.1f} MB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
