@@ -218,5 +218,4 @@ class BlockManager:
             "num_cached_free_blocks": self.num_cached_free_blocks,
             "kv_block_size": self.kv_block_size,
             "prefix_cache_hit_rate": round(self.prefix_stats.hit_rate, 4),
-            "ref_counts": [b.ref_count for b in self.blocks],
         }
