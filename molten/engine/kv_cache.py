@@ -49,6 +49,12 @@ class PagedKVCache:
     def layer(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer_index, 0], self.kv[layer_index, 1]
 
+    def layer_blocks(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer viewed as [blocks, kv_block_size, kv_heads, head_dim]."""
+        s = self.spec
+        shape = (self.num_blocks, s.kv_block_size, s.num_kv_heads, s.head_dim)
+        return self.kv[layer_index, 0].view(shape), self.kv[layer_index, 1].view(shape)
+
     def _block_view(self) -> torch.Tensor:
         # [layers, 2, blocks, kv_block_size, kv_heads, head_dim]
         s = self.spec

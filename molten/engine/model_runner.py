@@ -41,7 +41,8 @@ class ModelRunner:
         positions: list[int] = []
         slot_mapping: list[int] = []
         decode_index: list[int] = []
-        decode_slots: list[list[int]] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         segments: list[PrefillSegment] = []
         logits_index: list[int] = []
 
@@ -54,16 +55,18 @@ class ModelRunner:
             positions.extend(range(start, end))
             slot_mapping.extend(self._slots(seq.block_table, start, end))
 
+            num_context_blocks = (end + self.kv_block_size - 1) // self.kv_block_size
             if item.num_new_tokens == 1 and start > 0:
                 decode_index.append(offset)
-                decode_slots.append(self._slots(seq.block_table, 0, end))
+                decode_tables.append(seq.block_table[:num_context_blocks])
+                decode_lens.append(end)
             elif start == 0:
-                segments.append(PrefillSegment(offset, offset + item.num_new_tokens, None, None))
+                segments.append(PrefillSegment(offset, offset + item.num_new_tokens, end, None, None))
             else:
-                context = torch.tensor(self._slots(seq.block_table, 0, end), dtype=torch.long)
+                table = torch.tensor(seq.block_table[:num_context_blocks], dtype=torch.long)
                 query_pos = torch.arange(start, end).unsqueeze(1)
                 mask = torch.arange(end).unsqueeze(0) <= query_pos  # [chunk, context]
-                segments.append(PrefillSegment(offset, offset + item.num_new_tokens, context, mask))
+                segments.append(PrefillSegment(offset, offset + item.num_new_tokens, end, table, mask))
             if end == seq.num_tokens:
                 logits_index.append(offset + item.num_new_tokens - 1)
 
@@ -71,20 +74,21 @@ class ModelRunner:
             kv_cache=self.kv_cache,
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
             decode_token_index=None,
-            decode_context_slots=None,
+            decode_block_tables=None,
             decode_mask=None,
             prefill_segments=segments,
         )
         if decode_index:
-            max_len = max(len(s) for s in decode_slots)
-            padded = torch.zeros(len(decode_slots), max_len, dtype=torch.long)
-            mask = torch.zeros(len(decode_slots), 1, 1, max_len, dtype=torch.bool)
-            for row, slots in enumerate(decode_slots):
-                padded[row, : len(slots)] = torch.tensor(slots, dtype=torch.long)
-                mask[row, 0, 0, : len(slots)] = True
+            max_blocks = max(len(t) for t in decode_tables)
+            tables = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
+            for row, table in enumerate(decode_tables):
+                tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+            positions_in_context = torch.arange(max_blocks * self.kv_block_size).unsqueeze(0)
+            is_padding = positions_in_context >= torch.tensor(decode_lens).unsqueeze(1)
+            mask = torch.zeros(is_padding.shape, dtype=self.kv_cache.spec.dtype).masked_fill_(is_padding, float("-inf"))
             metadata.decode_token_index = torch.tensor(decode_index, dtype=torch.long)
-            metadata.decode_context_slots = padded
-            metadata.decode_mask = mask
+            metadata.decode_block_tables = tables
+            metadata.decode_mask = mask[:, None, None, :]
 
         ids = torch.tensor(input_ids, dtype=torch.long).unsqueeze(0)  # [1, tokens]
         pos = torch.tensor(positions, dtype=torch.long).unsqueeze(0)
