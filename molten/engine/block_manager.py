@@ -32,8 +32,19 @@ class Block:
     """Tokens the hash covers, compared on a hit so a hash collision cannot mix prefixes."""
 
 
+ROOT_PARENT_HASH = -1
+"""Parent hash of a sequence's first block. CPython's hash() never returns -1, so no real
+parent hash can equal it. It is an int because before Python 3.12 `hash(None)` depends on
+None's address, which differs between the prefill and decode processes."""
+
+
 def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent_hash, token_ids))
+    """Hash a block's tokens with its parent's hash (None for the first block).
+
+    The result is the same in every process: hash() of ints and tuples of ints takes no
+    per-process salt.
+    """
+    return hash((ROOT_PARENT_HASH if parent_hash is None else parent_hash, token_ids))
 
 
 @dataclass
