@@ -36,13 +36,118 @@ def build_parser() -> argparse.ArgumentParser:
     serve = subcommands.add_parser(
         "serve", help="start Ray Serve, the OpenAI-compatible API and the playground"
     )
+    add_serve_arguments(serve)
     serve.set_defaults(run=_run_serve)
 
     chat = subcommands.add_parser("chat", help="chat with a model in the terminal")
+    add_chat_arguments(chat)
     chat.set_defaults(run=_run_chat)
 
     _add_models_parser(subcommands)
     return parser
+
+
+# -- arguments of `molten serve` and `molten chat` ------------------------------------
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Define the flags of `molten serve`; defaults come from ServeSettings."""
+    from molten.config import DTYPES
+    from molten.deployments.settings import MODES, ServeSettings
+
+    defaults = ServeSettings()
+    parser.add_argument(
+        "--model",
+        default=defaults.model,
+        help="catalog name, local directory, .gguf file or Hugging Face id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=defaults.mode,
+        help="disaggregated: a prefill worker hands KV blocks to a decode worker; "
+        "colocated: one worker does both (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=defaults.dtype,
+        help="weight and activation dtype (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default=defaults.host,
+        help="address the API and the Ray dashboard bind to (default: %(default)s); "
+        "the playground always binds to 127.0.0.1",
+    )
+    parser.add_argument(
+        "--port", type=int, default=defaults.http_port, help="port of the OpenAI-compatible API (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--ui-port",
+        type=int,
+        default=defaults.ui_port,
+        help="port of the Gradio playground; 0 disables it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=defaults.dashboard_port,
+        help="port of the Ray dashboard of a new local Ray instance (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--address",
+        default=defaults.address,
+        help="join an existing Ray cluster instead of starting one: `auto` for the local one, "
+        "or its address (default: start a new local instance)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.worker_num_threads,
+        help="torch threads per engine worker (default: all cores for a co-located worker, "
+        "half of them each for the prefill and decode workers)",
+    )
+    parser.add_argument(
+        "--kv-cache-mib",
+        type=int,
+        default=defaults.cache.kv_cache_memory_mib,
+        help="memory for each worker's paged KV cache, in MiB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=defaults.max_model_len,
+        help="context window in tokens (default: the model's own, at most 8192)",
+    )
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """Define the arguments of `molten chat`; unset sampling flags leave the server's defaults."""
+    parser.add_argument(
+        "prompt", nargs="?", help="the user message; read from standard input when omitted and input is piped"
+    )
+    parser.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="base URL of a running `molten serve` (default: %(default)s)",
+    )
+    parser.add_argument("--model", help="model id to request (default: the first model the server lists)")
+    parser.add_argument("--system", help="system message sent before the prompt")
+    parser.add_argument("--max-tokens", type=int, help="maximum number of tokens to generate")
+    parser.add_argument("--temperature", type=float, help="sampling temperature in [0, 2]; 0 is greedy")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling probability mass in (0, 1]")
+    parser.add_argument("--top-k", type=int, help="keep only the k most likely tokens; 0 disables the filter")
+    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    parser.add_argument(
+        "--stop", action="append", help="stop string; repeat the flag for several (at most 4)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the server's next token before giving up (default: %(default)s)",
+    )
 
 
 def _add_models_parser(subcommands: argparse._SubParsersAction) -> None:

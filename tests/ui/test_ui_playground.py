@@ -1,0 +1,67 @@
+"""Playground construction and the Chat tab's handling of failures that need no server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import gradio as gr
+import pytest
+
+from molten.ui.app import ChatController, build_playground, format_error_markdown
+
+
+def collect(async_iterator) -> list:
+    async def run():
+        return [item async for item in async_iterator]
+
+    return asyncio.run(run())
+
+
+def respond_args(message: str) -> tuple:
+    # message, history, system prompt, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop
+    return (message, [], "", 16, 0.0, 1.0, 0, 0.0, 1.0, None, "")
+
+
+def test_build_playground_constructs():
+    calls = []
+    blocks = build_playground(lambda: calls.append("handle"), {"model": "tiny-random-llama", "mode": "colocated"})
+    assert isinstance(blocks, gr.Blocks)
+    assert calls == [], "the handle must be created lazily, on the first chat turn"
+
+
+def test_build_playground_requires_model():
+    with pytest.raises(ValueError, match="model"):
+        build_playground(lambda: None, {"mode": "colocated"})
+
+
+def test_error_markdown_names_type_and_field():
+    error = {"message": "temperature must be a number in [0, 2], got 5", "type": "invalid_request_error",
+             "param": "temperature", "code": None}
+    markdown = format_error_markdown(error)
+    assert "temperature must be a number in [0, 2], got 5" in markdown
+    assert "`invalid_request_error`" in markdown
+    assert "field `temperature`" in markdown
+
+
+def test_empty_message_shows_notice():
+    controller = ChatController(lambda: pytest.fail("no request may be sent"), "m", "colocated")
+    outputs = collect(controller.respond(*respond_args("   ")))
+    assert len(outputs) == 1
+    history, message_box, _, _, error_box = outputs[0]
+    assert history == []
+    assert message_box == "   "
+    assert error_box.visible is True
+    assert "Type a message first." in error_box.value
+
+
+def test_unavailable_ingress_shows_error():
+    def missing_handle():
+        raise RuntimeError("Serve is not running")
+
+    controller = ChatController(missing_handle, "m", "colocated")
+    outputs = collect(controller.respond(*respond_args("Hello")))
+    history, message_box, _, _, error_box = outputs[-1]
+    assert history == []
+    assert message_box == "Hello", "the unsent message goes back into the message box"
+    assert error_box.visible is True
+    assert "Serve is not running" in error_box.value
