@@ -151,6 +151,11 @@ class Scheduler:
                     break
                 num_new = budget
             if not self.block_manager.allocate_slots(seq, num_new):
+                # Give back the prefix-cache hits: a waiting sequence that keeps blocks can
+                # starve the running ones, and when nothing runs the engine deadlocks. The
+                # blocks stay cached, so the next attempt matches them again.
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
                 break
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
