@@ -40,9 +40,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None, *frag
 
 
 def test_c01_empty_prompt(client):
-    for prompt in ("", [""]):
+    for prompt, param in (("", "prompt"), ([""], "prompt[0]")):
         response = client.post("/v1/completions", json={"model": M, "prompt": prompt, "max_tokens": 20})
-        assert_error(response, 400, "prompt", "prompt must not be empty")
+        assert_error(response, 400, param, "must not be empty")
     assert_still_serving(client)
 
 
