@@ -118,6 +118,16 @@ class LLMEngine:
             kv_block_size=config.cache.kv_block_size,
         )
         num_blocks = config.cache.num_kv_blocks or num_blocks_for_memory(spec, config.cache.kv_cache_memory_mib)
+        pool_capacity = num_blocks * spec.kv_block_size
+        if max_model_len > pool_capacity:
+            # A sequence longer than the whole pool could never be scheduled: it would
+            # preempt itself and wait forever. Cap the context window instead.
+            logger.warning(
+                "max_model_len %d exceeds the KV pool (%d blocks x %d tokens), so it is capped at %d tokens. "
+                "Raise num_kv_blocks or kv_cache_memory_mib to keep it.",
+                max_model_len, num_blocks, spec.kv_block_size, pool_capacity,
+            )
+            max_model_len = pool_capacity
         self.kv_cache = PagedKVCache(spec, num_blocks)
         self.block_manager = BlockManager(num_blocks, spec.kv_block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, max_model_len)
