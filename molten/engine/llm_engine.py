@@ -26,7 +26,7 @@ from molten.engine.kv_cache import KVCacheSpec, PagedKVCache, num_blocks_for_mem
 from molten.engine.model_runner import ModelRunner, RunnerOutput
 from molten.engine.sampler import SampledToken
 from molten.engine.sampling_params import SamplingParams
-from molten.engine.scheduler import Scheduler, SchedulerOutput
+from molten.engine.scheduler import QueueFullError, Scheduler, SchedulerOutput
 from molten.engine.sequence import Sequence, SequenceStatus, make_generator
 from molten.tokenization.detokenizer import IncrementalDetokenizer
 from molten.tokenization.stop import StopStringMatcher
@@ -390,7 +390,12 @@ class LLMEngine:
             [tuple(handoff.token_ids[p * size : (p + 1) * size]) for p, _ in to_import],
         )
         seq.num_computed_tokens = handoff.num_prompt_tokens
-        self.scheduler.add(seq)
+        try:
+            self.scheduler.add(seq)
+        except QueueFullError:
+            # The sequence never joined the engine, so nothing else would free its blocks.
+            self.block_manager.free(seq)
+            raise
         self.sequences[seq.request_id] = [seq]
         output = OutputProcessor(self.tokenizer, seq)
         output.replay(seq.output_token_ids)
