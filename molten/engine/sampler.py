@@ -56,7 +56,9 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
     """Pick one token per row. logits: [rows, vocab], any float dtype; rows match `seqs`."""
-    logits = logits.float()
+    # +inf (a model overflowing float16, say) becomes the largest float32, so log-softmax
+    # and the shifted softmax below give no NaN.
+    logits = logits.float().clamp(max=torch.finfo(torch.float32).max)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.sampling_params.logprobs for s in seqs) else None
     apply_repetition_penalty(logits, seqs)
 
@@ -66,8 +68,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
     if sampled_rows:
         rows = torch.tensor(sampled_rows, dtype=torch.long)
         temperature = torch.tensor([params[i].temperature for i in sampled_rows]).unsqueeze(1)
+        # A temperature such as 1e-50 rounds to 0 in float32, and 0 / 0 would be NaN.
+        temperature = temperature.clamp(min=torch.finfo(torch.float32).tiny)
+        # Shift each row so its max is 0 before dividing: softmax is unchanged, and a tiny
+        # temperature can then only push logits toward -inf. Unshifted, finite logits over
+        # a temperature such as 1e-40 overflow to +inf, softmax gives NaN, and multinomial
+        # raises, failing every request in the step.
+        scaled = logits[rows]
+        scaled = (scaled - scaled.max(dim=-1, keepdim=True).values) / temperature
         filtered = filter_logits(
-            logits[rows] / temperature,
+            scaled,
             top_k=torch.tensor([params[i].top_k for i in sampled_rows], dtype=torch.long),
             top_p=torch.tensor([params[i].top_p for i in sampled_rows]),
             min_p=torch.tensor([params[i].min_p for i in sampled_rows]),
