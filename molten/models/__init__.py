@@ -15,6 +15,7 @@ from molten.models.catalog import (
     SourceKind,
     list_models,
     load_model,
+    load_tokenizer,
     resolve_model,
 )
 from molten.models.errors import (
@@ -47,6 +48,7 @@ __all__ = [
     "find_bundled_gguf",
     "list_models",
     "load_model",
+    "load_tokenizer",
     "models_cache_root",
     "molten_home",
     "resolve_model",

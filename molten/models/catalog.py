@@ -102,9 +102,10 @@ class LoadedModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of all parameters and buffers, as held in memory."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        """Bytes of all parameters in memory; buffers such as RoPE tables are left out."""
+        return sum(
+            parameter.numel() * parameter.element_size() for parameter in self.model.parameters()
+        )
 
 
 @dataclass(frozen=True)
@@ -177,18 +178,16 @@ def load_model(
     started = time.perf_counter()
     report(progress, f"Loading {source.model_id} ({source.description})")
 
+    location, local_files_only = _pretrained_location(source, progress)
     if source.kind is SourceKind.TINY:
         model = build_tiny_model(TINY_MODELS[source.location], dtype)
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
-        tokenizer_dir = ensure_bundled_cache(progress)
-        tokenizer = _load_tokenizer(source, str(tokenizer_dir), local_files_only=True)
     else:
-        directory, local_files_only = _pretrained_location(source, progress)
         model = _load_pretrained_model(
-            source, directory, dtype, attn_implementation, local_files_only
+            source, location, dtype, attn_implementation, local_files_only
         )
-        tokenizer = _load_tokenizer(source, directory, local_files_only)
+    tokenizer = _load_tokenizer(source, location, local_files_only)
 
     model.to(device)
     model.eval()
@@ -211,6 +210,19 @@ def load_model(
         f"in {loaded.load_seconds:.1f} s",
     )
     return loaded
+
+
+def load_tokenizer(
+    spec: str | ModelSource = DEFAULT_MODEL, progress: ProgressFn | None = None
+) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of `spec`; the tiny models return the bundled tokenizer.
+
+    Converts a GGUF source into its cache first, as `load_model` does, because the
+    cached tokenizer files load in well under a second.
+    """
+    source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
+    location, local_files_only = _pretrained_location(source, progress)
+    return _load_tokenizer(source, location, local_files_only)
 
 
 def list_models() -> list[CatalogEntry]:
@@ -294,8 +306,11 @@ def _other_choices() -> str:
 
 
 def _pretrained_location(source: ModelSource, progress: ProgressFn | None) -> tuple[str, bool]:
-    """Return the directory or hub id to pass to from_pretrained, and local_files_only."""
-    if source.kind is SourceKind.BUNDLED:
+    """Return the directory or hub id to pass to from_pretrained, and local_files_only.
+
+    For tiny models this is where their tokenizer comes from: the bundled model's cache.
+    """
+    if source.kind in (SourceKind.BUNDLED, SourceKind.TINY):
         return str(ensure_bundled_cache(progress)), True
     if source.kind is SourceKind.GGUF_FILE:
         return str(_ensure_gguf_cache(Path(source.location), progress)), True
