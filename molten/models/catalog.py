@@ -63,7 +63,7 @@ class SourceKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's weights and tokenizer come from, found by `resolve_model`."""
+    """Source of a model's weights and tokenizer, as found by `resolve_model`."""
 
     kind: SourceKind
     model_id: str
@@ -102,7 +102,7 @@ class LoadedModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of all parameters in memory; buffers such as RoPE tables are left out."""
+        """Bytes of all parameters in memory. Buffers such as RoPE tables are left out."""
         return sum(
             parameter.numel() * parameter.element_size() for parameter in self.model.parameters()
         )
@@ -215,10 +215,10 @@ def load_model(
 def load_tokenizer(
     spec: str | ModelSource = DEFAULT_MODEL, progress: ProgressFn | None = None
 ) -> PreTrainedTokenizerBase:
-    """Load only the tokenizer of `spec`; the tiny models return the bundled tokenizer.
+    """Load only the tokenizer of `spec`. For tiny models this is the bundled tokenizer.
 
-    Converts a GGUF source into its cache first, as `load_model` does, because the
-    cached tokenizer files load in well under a second.
+    A GGUF source is converted into its cache first, as `load_model` does, because the
+    cached tokenizer files load in under a second and the GGUF file takes about 10 s.
     """
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     location, local_files_only = _pretrained_location(source, progress)
@@ -280,14 +280,16 @@ def _resolve_local_path(spec: str, path: Path) -> ModelSource:
             location=str(path),
             description=f"local directory {path}",
         )
-    what = "directory has no config.json" if path.is_dir() else "file is not a .gguf file"
+    problem = "directory has no config.json" if path.is_dir() else "file is not a .gguf file"
     raise ModelNotFoundError(
-        f"Model {spec!r} cannot be loaded: the {what}. Pass a directory written by "
+        f"Model {spec!r} cannot be loaded: the {problem}. Pass a directory written by "
         f"transformers' save_pretrained, a .gguf file, or {_other_choices()}"
     )
 
 
 def _resolve_hub_id(repo_id: str, timeout_s: float) -> ModelSource:
+    # NOTE: only the cached, offline and unreachable paths have been run. A real download
+    # is left to transformers and has not been tried from a machine with hub access.
     cached = hub.is_cached_on_disk(repo_id)
     if not cached:
         hub.check_hub_model(repo_id, timeout_s=timeout_s, other_choices=_other_choices())

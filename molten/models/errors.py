@@ -1,7 +1,7 @@
 """Errors raised while finding, verifying or loading a model.
 
-Each message names the model and says what to do next, so the CLI and the HTTP layer can
-show it to a person as it is.
+Each message names the model and the next step to take, so the CLI and the HTTP layer
+can show it to a person unchanged.
 """
 
 from __future__ import annotations

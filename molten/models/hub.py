@@ -1,8 +1,8 @@
 """Checks that a Hugging Face Hub model can be loaded, before transformers tries.
 
 Left alone, `from_pretrained` retries an unreachable hub five times (about 23 s here) and
-then raises an OSError that does not name the model. These checks answer from the local
-cache first, make one request with a timeout, and turn every failure into a
+then raises an OSError that does not name the model. These checks read the local
+cache first, send one request with a timeout, and turn every failure into a
 ModelNotFoundError that names the model and the fix.
 """
 
@@ -54,7 +54,7 @@ def is_cached_on_disk(repo_id: str) -> bool:
 
 
 def check_hub_model(repo_id: str, *, timeout_s: float, other_choices: str) -> None:
-    """Raise ModelNotFoundError unless the hub answers that `repo_id` exists and is readable.
+    """Raise ModelNotFoundError unless the hub reports that `repo_id` exists and is readable.
 
     `other_choices` is appended to every message, to tell the user what else to try.
     """
@@ -78,7 +78,7 @@ def check_hub_model(repo_id: str, *, timeout_s: float, other_choices: str) -> No
             f"and you are not logged in). Check the spelling, or {other_choices}"
         ) from None
     except (HTTPError, OSError) as error:
-        # DNS failures, refused connections, timeouts, 5xx answers, and offline mode
+        # DNS failures, refused connections, timeouts, 5xx responses, and offline mode
         # switched on through huggingface_hub's own setting.
         logger.info("Hub request for %s failed: %r", repo_id, error)
         raise ModelNotFoundError(

@@ -1,4 +1,4 @@
-"""Where Molten keeps converted model caches."""
+"""Locations of Molten's converted model caches."""
 
 from __future__ import annotations
 
@@ -16,5 +16,5 @@ def molten_home() -> Path:
 
 
 def models_cache_root() -> Path:
-    """Return the folder that holds one converted cache directory per model."""
+    """Return the folder that contains one converted cache directory per model."""
     return molten_home() / "models"

@@ -12,7 +12,7 @@ TINY_NAMES = sorted(TINY_MODELS)
 
 def random_prompts(num_prompts: int, num_tokens: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    # Ids 0-2 are <|endoftext|>, <|im_start|> and <|im_end|>; prompts avoid them.
+    # Ids 0-2 are <|endoftext|>, <|im_start|> and <|im_end|>, so prompts start at 3.
     return torch.randint(3, 49_152, (num_prompts, num_tokens), generator=generator)
 
 
