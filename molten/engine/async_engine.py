@@ -48,8 +48,13 @@ class _Stream:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    def put(self, item: TokenEvent | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item: TokenEvent | BaseException) -> bool:
+        """Hand `item` to the consumer's event loop. Returns False if that loop is closed."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # asyncio raises RuntimeError("Event loop is closed")
+            return False
+        return True
 
 
 class AsyncEngine:
@@ -107,8 +112,15 @@ class AsyncEngine:
                 continue
             for event in events:
                 stream = self._streams.get(event.request_id)
-                if stream is not None:
-                    stream.put(event)
+                if stream is not None and not stream.put(event):
+                    # No one can read this stream any more. Raising here would end the
+                    # step loop and hang every other request.
+                    logger.warning(
+                        "%s: the event loop of request %s is closed, so the request is aborted", self.name, event.request_id
+                    )
+                    self._streams.pop(event.request_id, None)
+                    self.engine.abort_request(event.request_id)
+                    continue
                 if event.finish_reason is not None:
                     self._streams.pop(event.request_id, None)
             elapsed = time.perf_counter() - started
@@ -144,7 +156,7 @@ class AsyncEngine:
             )
             self._streams[request_id] = stream
 
-        await asyncio.wrap_future(self._submit(add))
+        await self._admit(add, request_id, stream)
         async for event in self._consume(request_id, stream):
             yield event
 
@@ -171,7 +183,7 @@ class AsyncEngine:
             )
             self._streams[request_id] = stream
 
-        await asyncio.wrap_future(self._submit(add))
+        await self._admit(add, request_id, stream)
         try:
             item = await stream.queue.get()
         except BaseException:
@@ -198,13 +210,32 @@ class AsyncEngine:
             self._streams[handoff.request_id] = stream
             return stats
 
-        stats = await asyncio.wrap_future(self._submit(add))
+        stats = await self._admit(add, handoff.request_id, stream)
         first = True
         async for event in self._consume(handoff.request_id, stream):
             if first:
                 event.handoff = stats
                 first = False
             yield event
+
+    async def _admit(self, add: Callable[[], Any], request_id: str, stream: _Stream) -> Any:
+        """Run `add` on the engine thread and return its result.
+
+        If the caller is cancelled while waiting, `add` may already have run, and no one
+        would read the stream or abort the request. So the cancellation queues an abort
+        that runs after `add` and removes the request if `add` registered this stream.
+        """
+        try:
+            return await asyncio.wrap_future(self._submit(add))
+        except asyncio.CancelledError:
+
+            def abort_if_admitted() -> None:
+                if self._streams.get(request_id) is stream:
+                    del self._streams[request_id]
+                    self.engine.abort_request(request_id)
+
+            self._submit(abort_if_admitted)
+            raise
 
     async def _consume(self, request_id: str, stream: _Stream) -> AsyncIterator[TokenEvent]:
         finished = False
