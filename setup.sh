@@ -26,7 +26,7 @@ usage() {
 }
 
 stage() {
-    printf '\n==> %s\n' "$*"
+    printf '\n==> [%4d s] %s\n' "$SECONDS" "$*"
 }
 
 parse_args() {
@@ -97,7 +97,6 @@ install_browser() {
 
 main() {
     parse_args "$@"
-    local started=$SECONDS
 
     create_venv
     install_python_packages
@@ -106,7 +105,7 @@ main() {
         install_browser
     fi
 
-    stage "Done in $((SECONDS - started)) s. Start the playground with: $VENV/bin/molten serve"
+    stage "Done. Start the playground with: $VENV/bin/molten serve"
 }
 
 main "$@"
