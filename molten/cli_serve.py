@@ -45,6 +45,8 @@ SETTING_FLAGS = {
 }
 """Command-line flag of each setting a ConfigError can name."""
 
+WORKER_FACTS_TIMEOUT_S = 10.0
+
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")
 """Token file that `ray.init` (Ray 2.60) creates for a new local cluster."""
 
@@ -164,14 +166,14 @@ def deploy(settings: ServeSettings) -> None:
 
     workers = "one co-located worker" if settings.mode == "colocated" else "a prefill and a decode worker"
     show(
-        f"Deploying {workers} for {settings.model} with {settings.num_threads} torch thread(s) each, "
+        f"Deploying {workers} for {settings.model} with {settings.num_threads} torch thread(s) per worker, "
         f"and the HTTP ingress on {settings.host}:{settings.http_port}"
     )
     try:
         with report_while_running("Deploying the Serve application"):
             run_app(settings)
     except Exception as exc:
-        logger.exception("deploying the Serve application failed")
+        logger.debug("deploying the Serve application failed", exc_info=True)
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise StartupError(
             f"deploying the Serve application failed: {first_line}. The workers' logs are under "
@@ -268,6 +270,23 @@ def settings_info(settings: ServeSettings, api_base: str, dashboard: str) -> dic
     }
 
 
+def fetch_worker_facts(api_base: str) -> list[dict] | None:
+    """Return each engine worker's facts (context window, KV blocks, load time) from GET /v1/molten/info.
+
+    Returns None when the request fails, because the facts only decorate the playground's Server tab.
+    """
+    import httpx
+
+    url = f"{api_base}/molten/info"
+    try:
+        response = httpx.get(url, timeout=WORKER_FACTS_TIMEOUT_S, trust_env=False)
+        response.raise_for_status()
+        return response.json().get("workers")
+    except (httpx.HTTPError, ValueError) as exc:
+        logger.warning("could not read the workers' facts from %s: %s", url, exc)
+        return None
+
+
 def start_playground(settings: ServeSettings, info: dict[str, Any]):
     """Build and launch the Gradio playground on 127.0.0.1, and return (blocks, url)."""
     show(f"Starting the playground on 127.0.0.1:{settings.ui_port}")
@@ -355,6 +374,7 @@ def serve(args: argparse.Namespace) -> int:
         deploy(settings)
         api_base = f"http://{url_host(settings.host)}:{settings.http_port}/v1"
         info = settings_info(settings, api_base, dashboard_url(settings))
+        info["workers"] = fetch_worker_facts(api_base)
         playground_url = None
         if settings.ui_port:
             blocks, playground_url = start_playground(settings, info)

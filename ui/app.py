@@ -41,22 +41,32 @@ CHAT_CONCURRENCY_LIMIT = 8
 
 ITL_COLUMNS = ("token", "itl_ms")
 
+EMPTY_MESSAGE_ERROR = "empty_message"
+"""Error type of the notice shown when Send is pressed with no message; no request is sent."""
+
 HandleFactory = Callable[[], Any]
 """Returns the ingress's Serve deployment handle (called on the first chat turn, then cached)."""
 
 
 def itl_dataframe(stats: ReplyStats) -> pd.DataFrame:
-    """Build the inter-token latency plot's data: one row per token after the first (x = token index, y = ms)."""
-    return pd.DataFrame(stats.inter_token_latencies(), columns=list(ITL_COLUMNS))
+    """Build the inter-token latency plot's data: one row per token after the first (x = token index, y = ms).
+
+    The dtypes are set even for an empty frame, because Gradio 6 picks the axis types (numeric
+    or categorical) from the plot's first value, and an empty frame's columns are objects.
+    With object columns the axes of later, filled frames were drawn as categories.
+    """
+    rows = [(index, round(gap_ms, 2)) for index, gap_ms in stats.inter_token_latencies()]
+    frame = pd.DataFrame(rows, columns=list(ITL_COLUMNS))
+    return frame.astype({"token": "int64", "itl_ms": "float64"})
 
 
-def format_error_markdown(error: Mapping[str, Any]) -> str:
+def format_error_markdown(error: Mapping[str, Any], title: str = "Request failed") -> str:
     """Render an OpenAI-style error object as a Markdown notice naming its type and field."""
     details = [f"`{error.get('type') or 'error'}`"]
     if error.get("param"):
         details.append(f"field `{error['param']}`")
     message = error.get("message") or "the server returned an error without a message"
-    return f"### ⚠️ Request failed\n**{message}**\n\n({', '.join(details)})"
+    return f"### ⚠️ {title}\n**{message}**\n\n({', '.join(details)})"
 
 
 def _clean_history(history: list[dict] | None) -> list[dict]:
@@ -99,7 +109,8 @@ class ChatController:
         if update.error is None:
             error = gr.Markdown(visible=False)
         else:
-            error = gr.Markdown(format_error_markdown(update.error), visible=True)
+            title = "Nothing to send" if update.error.get("type") == EMPTY_MESSAGE_ERROR else "Request failed"
+            error = gr.Markdown(format_error_markdown(update.error, title), visible=True)
         return (
             history,
             pending_message,
@@ -125,7 +136,7 @@ class ChatController:
         """Stream one turn into the Chat tab. Errors become a visible notice, never an exception."""
         history = _clean_history(history)
         if not (message or "").strip():
-            empty = TurnUpdate("", ReplyStats(), {"message": "Type a message first.", "type": "empty_message"})
+            empty = TurnUpdate("", ReplyStats(), {"message": "Type a message first.", "type": EMPTY_MESSAGE_ERROR})
             yield self.render(history, empty, message)
             return
 
@@ -196,10 +207,10 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
                         y="itl_ms",
                         x_title="token index",
                         y_title="ms since previous token",
-                        title="Inter-token latency",
-                        caption="In disaggregated mode, token 1's latency includes the KV handoff.",
+                        title="Inter-token latency (ms since the previous token, by token index)",
                         height=260,
                     )
+                    gr.Markdown("In disaggregated mode, token 1's latency includes the KV handoff.")
             with gr.Accordion("Decoding controls", open=True):
                 system_prompt = gr.Textbox(label="System prompt (optional)", lines=1)
                 with gr.Row():

@@ -86,7 +86,7 @@ def _ms(value: float | None) -> str:
 
 
 def _rate(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
+    return "–" if value is None else f"{value:.1f} tokens/s"
 
 
 def _count(value: int | None) -> str:
@@ -121,8 +121,8 @@ def format_stats_markdown(stats: ReplyStats, mode: str | None = None) -> str:
         cached_text += f" ({100.0 * cached / prompt:.0f}% of the prompt)"
     rows = [
         ("Time to first token (TTFT)", _ms(stats.ttft_ms)),
-        ("Decode rate", f"{_rate(stats.decode_tokens_per_s)} tokens/s"),
-        ("Overall rate (TTFT included)", f"{_rate(stats.overall_tokens_per_s)} tokens/s"),
+        ("Decode rate", _rate(stats.decode_tokens_per_s)),
+        ("Overall rate (TTFT included)", _rate(stats.overall_tokens_per_s)),
         ("Mean inter-token latency", _ms(stats.mean_itl_ms)),
         ("Prompt tokens", _count(prompt)),
         ("Cached prompt tokens (prefix cache)", cached_text),
