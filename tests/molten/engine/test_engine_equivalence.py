@@ -7,7 +7,7 @@ from engine_helpers import greedy_params, mismatched_indices, random_prompts, ru
 
 MAX_NEW_TOKENS = 24
 NUM_PROMPTS = 40
-NUM_PROMPTS_ONE_AT_A_TIME = 12
+NUM_PROMPTS_ONE_AT_A_TIME = 8
 """One request at a time costs a full step per token, so that test runs the first prompts only."""
 
 FAMILIES = ["tiny-random-llama", "tiny-random-qwen2"]

@@ -43,6 +43,10 @@ def test_chunked_prefill_on_and_off_match(tiny_llama, make_engine, reference_gen
     chunked_run = run_to_completion(chunked, mixed_prompts, greedy_params(MAX_NEW_TOKENS))
     whole_run = run_to_completion(whole, mixed_prompts, greedy_params(MAX_NEW_TOKENS))
 
+    chunked_rows = [item for step in chunked_run.steps for item in step.scheduled]
+    whole_rows = [item for step in whole_run.steps for item in step.scheduled]
+    assert any(1 < item.num_new_tokens < item.seq.num_prompt_tokens for item in chunked_rows)
+    assert all(item.num_new_tokens in (1, item.seq.num_prompt_tokens) for item in whole_rows)
     assert max(step.num_batched_tokens for step in chunked_run.steps) <= 32
     assert any(step.num_prefill_tokens and step.num_decode_tokens for step in chunked_run.steps)
     assert len(chunked_run.steps) > len(whole_run.steps)
@@ -108,13 +112,14 @@ def test_prefix_hit_on_whole_prompt(tiny_llama, make_engine, reference_generate)
 
 
 @pytest.mark.parametrize("enable_prefix_caching", [False, True], ids=["no-prefix-cache", "prefix-cache"])
-def test_preemption_keeps_outputs(tiny_llama, make_engine, reference_generate, mixed_prompts, enable_prefix_caching):
-    expected = reference_generate(MODEL, mixed_prompts, MAX_NEW_TOKENS)
-    # 16 blocks of 16 tokens: the longest sequence (200 + 24 tokens) fits alone, but the
+def test_preemption_keeps_outputs(tiny_llama, make_engine, reference_generate, enable_prefix_caching):
+    prompts = random_prompts(seed=2, count=10, max_len=120)
+    expected = reference_generate(MODEL, prompts, MAX_NEW_TOKENS)
+    # 10 blocks of 16 tokens: the longest sequence (120 + 24 tokens) fits alone, but the
     # batch does not, so running sequences are preempted and recomputed.
-    engine = make_engine(tiny_llama, num_kv_blocks=16, enable_prefix_caching=enable_prefix_caching)
+    engine = make_engine(tiny_llama, num_kv_blocks=10, enable_prefix_caching=enable_prefix_caching)
 
-    run = run_to_completion(engine, mixed_prompts, greedy_params(MAX_NEW_TOKENS))
+    run = run_to_completion(engine, prompts, greedy_params(MAX_NEW_TOKENS))
 
     preempted_seqs = {seq.request_id: seq.num_preemptions for step in run.steps for seq in step.preempted}
     assert run.num_preempted > 0

@@ -195,8 +195,8 @@ def test_seeded_request_independent_of_batch_mates(tiny_llama, make_engine):
     alone = run_to_completion(engine, [prompt], seeded, prefix="alone").outputs()[0]
     batched = []
     for run_index in range(4):
-        mates = random_prompts(seed=100 + run_index, count=run_index + 1, max_len=80)
-        mate_params = SamplingParams(max_tokens=4 + 4 * run_index, temperature=1.0, ignore_eos=True)
+        mates = random_prompts(seed=100 + run_index, count=run_index + 1, max_len=40)
+        mate_params = SamplingParams(max_tokens=4 + 2 * run_index, temperature=1.0, ignore_eos=True)
         run = run_to_completion(engine, [prompt, *mates], [seeded] + [mate_params] * len(mates), prefix=f"batch-{run_index}")
         batched.append(run.outputs()[0])
     other_seed = SamplingParams(max_tokens=16, temperature=0.8, seed=43, ignore_eos=True)
