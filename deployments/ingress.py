@@ -87,16 +87,13 @@ class MoltenIngress:
         decode: DeploymentHandle | None = None,
         colocated: DeploymentHandle | None = None,
     ):
-        import molten.models
+        from molten.models import load_tokenizer
 
         self.model_id = model_id
         self.max_body_bytes = max_body_bytes
         self.default_max_tokens = default_max_tokens
         self.router = RequestRouter(prefill=prefill, decode=decode, colocated=colocated)
-        if hasattr(molten.models, "load_tokenizer"):
-            self.tokenizer = molten.models.load_tokenizer(model_spec)
-        else:
-            self.tokenizer = molten.models.load_model(model_spec).tokenizer
+        self.tokenizer = load_tokenizer(model_spec)
         self._worker_info: dict | None = None
         logger.info("ingress ready for model %s in %s mode", model_id, self.router.mode)
 
