@@ -173,6 +173,10 @@ class BlockManager:
         first = num_computed_before // self.kv_block_size
         last = seq.num_computed_tokens // self.kv_block_size
         parent_hash = self.blocks[seq.block_table[first - 1]].block_hash if first > 0 else None
+        if first > 0 and parent_hash is None:
+            # An earlier block has no hash (imported from an engine without prefix
+            # caching). Chaining from None would file this block as a prompt's first block.
+            return
         for index in range(first, last):
             block = self.blocks[seq.block_table[index]]
             tokens = tuple(seq.block_tokens(index, self.kv_block_size))

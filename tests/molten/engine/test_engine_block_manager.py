@@ -237,3 +237,15 @@ def test_prefix_caching_off_never_hits():
     assert admit(manager, second) == 0
     assert set(first.block_table).isdisjoint(second.block_table)
     assert manager.hash_to_block_id == {}
+
+
+def test_block_after_unhashed_block_stays_unhashed():
+    manager = BlockManager(num_blocks=4, kv_block_size=KV_BLOCK_SIZE)
+    seq = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], "imported")
+    assert manager.allocate_slots(seq, 12)
+    seq.num_computed_tokens = 12  # blocks 0 and 1 were imported without hashes
+
+    manager.register_full_blocks(seq, num_computed_before=8)
+
+    assert manager.blocks[seq.block_table[2]].block_hash is None
+    assert manager.match_prefix(make_seq([9, 10, 11, 12, 13], "follower")) == 0

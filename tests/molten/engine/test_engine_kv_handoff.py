@@ -161,3 +161,26 @@ def test_abort_prefilled_request_frees_blocks(tiny_llama, make_engine):
 
     assert "dropped" not in engine.prefilled
     assert_all_blocks_free(engine)
+
+
+def test_unhashed_import_not_cached_as_root(tiny_llama, make_engine, reference_generate):
+    """Blocks after unhashed imported blocks must not be cached as if they started a prompt.
+
+    The prefill engine runs without prefix caching, so its handoff carries no hashes. The
+    decode engine caches the block it fills itself; keyed on that block's tokens alone,
+    a later prompt starting with those tokens would reuse K/V computed after another prefix.
+    """
+    prompt = random_prompts(seed=13, count=1, min_len=40, max_len=40)[0]
+    prefill_engine = make_engine(tiny_llama, enable_prefix_caching=False)
+    decode_engine = make_engine(tiny_llama, enable_prefix_caching=True)
+    first = prefill(prefill_engine, "imported", prompt)
+    decode_engine.import_sequence(prefill_engine.export_sequence("imported"))
+    imported_tokens = prompt + [first.token_id] + decode_to_end(decode_engine)["imported"]
+    # Tokens 32-47 filled the decode engine's third block, after two unhashed imported blocks.
+    follower = imported_tokens[32:48] + random_prompts(seed=14, count=1, min_len=5, max_len=5)[0]
+
+    run = run_to_completion(decode_engine, [follower], greedy_params(MAX_NEW_TOKENS), prefix="follower")
+
+    assert run.events["follower-0"][0].num_cached_prompt_tokens == 0
+    assert run.outputs() == reference_generate(MODEL, [follower], MAX_NEW_TOKENS)
+    assert_all_blocks_free(decode_engine)
