@@ -16,7 +16,6 @@ from molten.models.catalog import (
     list_models,
     load_model,
     load_tokenizer,
-    load_tokenizer,
     resolve_model,
 )
 from molten.models.errors import (
@@ -49,7 +48,6 @@ __all__ = [
     "find_bundled_gguf",
     "list_models",
     "load_model",
-    "load_tokenizer",
     "load_tokenizer",
     "models_cache_root",
     "molten_home",

@@ -225,13 +225,6 @@ def load_tokenizer(
     return _load_tokenizer(source, location, local_files_only)
 
 
-def load_tokenizer(spec: str | ModelSource = DEFAULT_MODEL, progress: ProgressFn | None = None) -> PreTrainedTokenizerBase:
-    """Load only the tokenizer of `spec`, for processes that tokenize but hold no weights (the HTTP ingress)."""
-    source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
-    location, local_files_only = _pretrained_location(source, progress)
-    return _load_tokenizer(source, location, local_files_only)
-
-
 def list_models() -> list[CatalogEntry]:
     """List the catalog models and the GGUF files already converted into the cache."""
     entries = [_bundled_entry()]
