@@ -72,10 +72,19 @@ def start_ray(settings: ServeSettings) -> None:
     )
 
 
-def run_app(settings: ServeSettings, blocking: bool = False) -> None:
-    """Start Ray (if needed), Serve's HTTP proxy on settings.host:http_port, and the application."""
+def start_serve(settings: ServeSettings) -> None:
+    """Start Ray (if needed) and Serve's HTTP proxy on settings.host:http_port.
+
+    Serve keeps the HTTP options of its first start, so later calls in the same Ray
+    instance (another application) do not move the proxy.
+    """
     start_ray(settings)
     serve.start(http_options={"host": settings.host, "port": settings.http_port})
+
+
+def run_app(settings: ServeSettings, blocking: bool = False) -> None:
+    """Start Ray and Serve if needed, then deploy the application under settings.app_name."""
+    start_serve(settings)
     serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=blocking)
 
 

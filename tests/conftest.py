@@ -22,3 +22,30 @@ def bundled_model():
     from molten.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def serve_session():
+    """Ray and Serve's HTTP proxy, started once per test session on free loopback ports.
+
+    One process can hold only one Serve instance, so every test directory that needs a
+    deployment deploys its application into this one, under its own `app_name` and
+    `route_prefix` (see `molten.deployments.app.run_app`). Yields the base
+    `ServeSettings` (ports and host) to copy with `dataclasses.replace`.
+    """
+    import socket
+
+    from molten.deployments.app import shutdown, start_serve
+    from molten.deployments.settings import ServeSettings
+
+    def free_port() -> int:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+
+    settings = ServeSettings(http_port=free_port(), dashboard_port=free_port(), ui_port=0)
+    start_serve(settings)
+    try:
+        yield settings
+    finally:
+        shutdown()

@@ -337,8 +337,7 @@ class LLMEngine:
     def import_sequence(self, handoff: KVHandoff) -> HandoffStats:
         """Write a handoff's KV blocks into this engine's pool and queue the sequence to decode.
 
-        Raises QueueFullError when the decode side is saturated, and MemoryError when the
-        blocks do not fit even after freeing the prefix cache.
+        Raises MemoryError when the blocks do not fit even after evicting the prefix cache.
         """
         t0 = time.perf_counter()
         transfer_ms = max(0.0, (time.time() - handoff.created_at) * 1000)
@@ -390,12 +389,10 @@ class LLMEngine:
             [tuple(handoff.token_ids[p * size : (p + 1) * size]) for p, _ in to_import],
         )
         seq.num_computed_tokens = handoff.num_prompt_tokens
-        try:
-            self.scheduler.add(seq)
-        except QueueFullError:
-            # The sequence never joined the engine, so nothing else would free its blocks.
-            self.block_manager.free(seq)
-            raise
+        # Admission control happens where a request enters (the prefill worker), before
+        # the client sees a token. An imported sequence has already streamed its first
+        # token, so rejecting it here would cut a response mid-stream.
+        self.scheduler.add(seq, enforce_queue_limit=False)
         self.sequences[seq.request_id] = [seq]
         output = OutputProcessor(self.tokenizer, seq)
         output.replay(seq.output_token_ids)

@@ -78,8 +78,9 @@ class Scheduler:
             return (seq.priority, seq.arrival_time, seq.seq_id)
         return (seq.arrival_time, seq.seq_id)
 
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_num_waiting:
+    def add(self, seq: Sequence, enforce_queue_limit: bool = True) -> None:
+        """Queue a sequence. Raises QueueFullError at `max_num_waiting` unless told not to."""
+        if enforce_queue_limit and len(self.waiting) >= self.config.max_num_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_num_waiting)")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)

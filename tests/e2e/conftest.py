@@ -6,19 +6,12 @@ free loopback port. Every request in these tests goes to 127.0.0.1.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
 import pytest
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_healthy(base_url: str, timeout_s: float = 300.0) -> None:
@@ -37,17 +30,11 @@ def wait_healthy(base_url: str, timeout_s: float = 300.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def serve_instance():
-    from molten.deployments.app import shutdown
-    from molten.deployments.settings import ServeSettings
+def serve_instance(serve_session):
+    from dataclasses import replace
 
-    port = free_port()
     # A 2048-token window keeps the context-edge cases (a full-window prefill) fast on a CPU.
-    settings = ServeSettings(
-        model=BUNDLED_MODEL, http_port=port, dashboard_port=free_port(), ui_port=0, max_model_len=2048
-    )
-    yield settings
-    shutdown()
+    return replace(serve_session, model=BUNDLED_MODEL, max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

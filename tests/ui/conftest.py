@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 
-def unused_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def serve_app():
-    """Start Ray and Serve once per session on loopback ports; yield (settings, ingress handle).
+def serve_app(serve_session):
+    """Deploy the tiny model (disaggregated) into the session's Serve; yield (settings, ingress handle)."""
+    from dataclasses import replace
 
-    Starting takes about two minutes on a 2-core machine. Ray is shut down afterwards.
-    """
-    from molten.deployments.app import ingress_handle, run_app, shutdown
-    from molten.deployments.settings import ServeSettings
+    from molten.deployments.app import ingress_handle, run_app
 
-    settings = ServeSettings(
-        model="tiny-random-llama",
-        mode="disaggregated",
-        http_port=unused_loopback_port(),
-        ui_port=0,
-        dashboard_port=unused_loopback_port(),
+    settings = replace(
+        serve_session, model="tiny-random-llama", mode="disaggregated", app_name="molten-ui", route_prefix="/ui-tests"
     )
-    try:
-        run_app(settings)
-        yield settings, ingress_handle(settings)
-    finally:
-        shutdown()
+    run_app(settings)
+    yield settings, ingress_handle(settings)
