@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=_run_chat)
 
     _add_models_parser(subcommands)
+    _add_bench_parser(subcommands)
     return parser
 
 
@@ -177,6 +178,20 @@ def _add_models_parser(subcommands: argparse._SubParsersAction) -> None:
         "(default: the bundled smollm2-135m-instruct)",
     )
     fetch.set_defaults(run=_run_models_fetch)
+
+
+def _add_bench_parser(subcommands: argparse._SubParsersAction) -> None:
+    from molten.bench.cli import add_arguments
+
+    bench = subcommands.add_parser("bench", help="benchmark Molten against its peers and write docs/benchmarks.md")
+    add_arguments(bench)
+    bench.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from molten.bench.cli import main
+
+    return main(args)
 
 
 def _print_help_and_fail(parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,6 @@
+"""Names `molten bench` accepts for its workloads, doors and peers (standard library only, for the CLI)."""
+
+WORKLOAD_NAMES = ("single", "concurrent", "shared-prefix", "long-context", "disagg")
+DOOR_NAMES = ("engine", "handle", "http")
+PEER_NAMES = ("transformers", "llamacpp")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
