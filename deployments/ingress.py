@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -50,6 +51,16 @@ from molten.deployments.router import PreparedRequest, RequestRouter
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="Molten", description="OpenAI-compatible API of the Molten inference playground.")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error_in_openai_shape(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Answer unknown routes and wrong methods with an OpenAI-style error body, not FastAPI's default."""
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    if exc.status_code == 404 and "/v1/" not in request.url.path:
+        message += ". The API routes are under /v1, for example POST /v1/chat/completions"
+    error = APIError(message, status=exc.status_code, error_type="invalid_request_error")
+    return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 RETRY_AFTER_S = 1
 

@@ -315,13 +315,13 @@ def print_summary(settings: ServeSettings, info: dict[str, Any], playground_url:
         "",
         "Try it:",
         f"  {curl_example(api_base, info['model'])}",
-        f"  molten chat \"What is a KV cache?\" --url {api_base.removesuffix('/v1')}",
+        f"  {Path(sys.executable).parent / 'molten'} chat \"What is a KV cache?\" --url {api_base.removesuffix('/v1')}",
         "",
     ]
     if settings.address:
         lines.append("Press Ctrl+C to stop: this deletes the Molten application and leaves the joined cluster running.")
     else:
-        lines.append("Press Ctrl+C to stop: this shuts down Serve and Ray.")
+        lines.append(f"Press Ctrl+C (or send SIGTERM to pid {os.getpid()}) to stop: this shuts down Serve and Ray.")
     print("\n".join(lines), flush=True)
 
 

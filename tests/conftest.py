@@ -43,7 +43,11 @@ def serve_session():
             probe.bind(("127.0.0.1", 0))
             return probe.getsockname()[1]
 
-    settings = ServeSettings(http_port=free_port(), dashboard_port=free_port(), ui_port=0)
+    # Small Ray CPU shares: the session deploys up to four applications into a Ray
+    # instance that advertises the machine's real core count.
+    settings = ServeSettings(
+        http_port=free_port(), dashboard_port=free_port(), ui_port=0, worker_num_cpus=0.2, ingress_num_cpus=0.05
+    )
     start_serve(settings)
     try:
         yield settings

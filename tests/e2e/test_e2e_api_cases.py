@@ -233,3 +233,11 @@ def test_c13_seeded_request_reproducible_under_load(client, disagg_url):
                 assert mate.result().status_code == 200
     assert len(set(texts)) == 1, texts
     assert_still_serving(client)
+
+
+def test_unknown_route_and_method_use_openai_errors(client):
+    missing = client.post("/chat/completions", json={"model": M})
+    assert_error(missing, 404, None, "/v1")
+    wrong_method = client.get("/v1/chat/completions")
+    assert_error(wrong_method, 405, None, "GET")
+    assert_still_serving(client)

@@ -144,7 +144,7 @@ def test_stopped_turn_leaves_server_working(serve_app):
 
 def test_cli_chat_streams_over_http(serve_app, capsys):
     settings, _ = serve_app
-    url = f"http://127.0.0.1:{settings.http_port}"
+    url = f"http://127.0.0.1:{settings.http_port}{settings.route_prefix}"
     assert main(["chat", "Hello", "--url", url, "--max-tokens", "10", "--temperature", "0", "--seed", "1"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip(), "the reply text goes to standard output"
@@ -157,7 +157,7 @@ def test_cli_chat_streams_over_http(serve_app, capsys):
 
 def test_cli_chat_shows_server_rejection(serve_app, capsys):
     settings, _ = serve_app
-    url = f"http://127.0.0.1:{settings.http_port}"
+    url = f"http://127.0.0.1:{settings.http_port}{settings.route_prefix}"
     assert main(["chat", "Hello", "--url", url, "--temperature", "9"]) == 1
     err = capsys.readouterr().err
     assert "temperature" in err
