@@ -70,6 +70,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.step_id = 0
+        self.num_preemptions = 0
 
     # -- queue management ---------------------------------------------------------------
 
@@ -103,6 +104,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.insert(0, seq)
 
