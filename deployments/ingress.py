@@ -55,7 +55,7 @@ app = FastAPI(title="Molten", description="OpenAI-compatible API of the Molten i
 
 @app.exception_handler(StarletteHTTPException)
 async def http_error_in_openai_shape(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Answer unknown routes and wrong methods with an OpenAI-style error body, not FastAPI's default."""
+    """Return an OpenAI-style error body for unknown routes and wrong methods, in place of FastAPI's default."""
     message = f"{request.method} {request.url.path}: {exc.detail}"
     if exc.status_code == 404 and "/v1/" not in request.url.path:
         message += ". The API routes are under /v1, for example POST /v1/chat/completions"

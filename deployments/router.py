@@ -2,7 +2,7 @@
 
 `RequestRouter` turns one prepared request into a stream of `TokenEvent`s. In
 disaggregated mode it awaits the prefill worker (first token plus a KV handoff
-reference) and then streams from the decode worker; in co-located mode it streams from
+reference) and then streams from the decode worker. In co-located mode it streams from
 the single worker. Requests with `n > 1` fan out into `n` engine requests whose streams
 are merged; sequence i uses seed + i so seeded requests stay reproducible.
 """

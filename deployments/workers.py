@@ -4,8 +4,8 @@ Each replica loads the model, builds an `LLMEngine` wrapped in an `AsyncEngine`,
 only adapts calls: the engine protocol in `molten.engine.async_engine` does the work.
 
 Disaggregated handoff: `PrefillWorker.prefill` puts the `KVHandoff` (sequence state and
-KV blocks) into the Ray object store and returns its reference inside a list, so Ray
-does not resolve it on the way through the ingress; `DecodeWorker.decode` fetches the
+KV blocks) into the Ray object store. It returns the reference inside a list, so Ray
+does not resolve it on the way through the ingress. `DecodeWorker.decode` fetches the
 object directly from the store and imports the blocks.
 """
 

@@ -71,7 +71,7 @@ def gather_blocks(cache_blocks: torch.Tensor, block_tables: torch.Tensor) -> tor
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """One query token per sequence against its padded context, with grouped KV heads.
+    """Attend one query token per sequence to its padded context, with grouped KV heads.
 
     q: [B, heads, head_dim]; k, v: [B, context, kv_heads, head_dim]; mask: [B, 1, 1, context].
     Returns [B, heads, head_dim]. Two batched matmuls beat SDPA's CPU kernel for a

@@ -4,11 +4,11 @@
 drives it through `AsyncEngine` (async_engine.py), which runs the step loop on one
 thread and streams `TokenEvent`s to asyncio consumers.
 
-Disaggregated serving uses two engines: the prefill engine admits a request with
-`prefill_only=True`, computes the prompt and samples the first token, and
-`export_sequence` packs the sequence with its KV blocks into a `KVHandoff`; the decode
-engine's `import_sequence` writes those blocks into its own pool and the sequence joins
-its running batch as if it had been prefilled there.
+Disaggregated serving uses two engines. The prefill engine admits a request with
+`prefill_only=True`, computes the prompt and samples the first token. Its
+`export_sequence` then packs the sequence with its KV blocks into a `KVHandoff`. The
+decode engine's `import_sequence` writes those blocks into its own pool, and the
+sequence joins its running batch as if it had been prefilled there.
 """
 
 from __future__ import annotations
