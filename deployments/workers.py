@@ -71,7 +71,7 @@ class EngineWorker:
         return await self.async_engine.abort(request_id)
 
     async def check_health(self) -> None:
-        if not self.async_engine._thread.is_alive():
+        if not self.async_engine.is_running:
             raise RuntimeError(f"{self.role} engine loop is not running")
 
     def __del__(self):

@@ -259,6 +259,11 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         return await self.call(lambda engine: engine.abort_request(request_id))
 
+    @property
+    def is_running(self) -> bool:
+        """Whether the step loop thread is alive (used by Serve health checks)."""
+        return self._thread.is_alive()
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wakeup.set()
