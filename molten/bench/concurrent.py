@@ -14,7 +14,6 @@ from functools import partial
 from molten.bench.context import DOOR_LABELS, BenchContext, Measurement, Skipped, Stage
 from molten.bench.metrics import RequestSpec, RunMetrics, summarize_run
 from molten.bench.report import Plot, Section, Series, Table, format_number, format_ratio
-from molten.bench.roofline import Ceilings
 from molten.bench.workloads import concurrent_requests, sweep_requests
 
 NAME = "concurrent"
@@ -52,31 +51,42 @@ def _measure_served(context: BenchContext, arrival: str, door: str, mode: str) -
 
 
 def plan(context: BenchContext) -> list[Measurement]:
+    """Plan the runs, with each Molten run next to the transformers run it is compared with.
+
+    Adjacent runs execute close in time, so a change in background load skews their ratio less.
+    """
     options = context.options
     sizes = context.sizes
+    engine = "engine" in options.doors
+    transformers = "transformers" in options.peers
     measurements = []
     for dtype in options.dtypes:
-        if "engine" in options.doors:
-            arrivals = ARRIVALS if dtype == context.first_dtype else ("together",)
-            for arrival in arrivals:
-                measurements.append(Measurement(
-                    run_key(arrival, "engine", dtype), Stage.IN_PROCESS,
-                    f"concurrent ({arrival}): Molten engine, {dtype}, {sizes.concurrent_requests} requests",
-                    partial(_measure_engine, arrival=arrival, dtype=dtype),
-                ))
-            for batch_size in sizes.sweep_batch_sizes:
-                measurements.append(Measurement(
-                    sweep_key("engine", dtype, batch_size), Stage.IN_PROCESS,
-                    f"batch sweep: Molten engine, {dtype}, batch {batch_size}",
-                    partial(_measure_sweep_engine, dtype=dtype, batch_size=batch_size),
-                ))
-        if "transformers" in options.peers:
+        if engine:
+            measurements.append(Measurement(
+                run_key("together", "engine", dtype), Stage.IN_PROCESS,
+                f"concurrent (together): Molten engine, {dtype}, {sizes.concurrent_requests} requests",
+                partial(_measure_engine, arrival="together", dtype=dtype),
+            ))
+        if transformers:
             measurements.append(Measurement(
                 run_key("together", TRANSFORMERS_BATCH, dtype), Stage.IN_PROCESS,
                 f"concurrent: transformers generate(), {dtype}, static batches of {sizes.static_batch_size}",
                 partial(_measure_transformers_batches, dtype=dtype),
             ))
-            for batch_size in sizes.sweep_batch_sizes:
+        if engine and dtype == context.first_dtype:
+            measurements.append(Measurement(
+                run_key("poisson", "engine", dtype), Stage.IN_PROCESS,
+                f"concurrent (poisson): Molten engine, {dtype}, {sizes.concurrent_requests} requests",
+                partial(_measure_engine, arrival="poisson", dtype=dtype),
+            ))
+        for batch_size in sizes.sweep_batch_sizes:
+            if engine:
+                measurements.append(Measurement(
+                    sweep_key("engine", dtype, batch_size), Stage.IN_PROCESS,
+                    f"batch sweep: Molten engine, {dtype}, batch {batch_size}",
+                    partial(_measure_sweep_engine, dtype=dtype, batch_size=batch_size),
+                ))
+            if transformers:
                 measurements.append(Measurement(
                     sweep_key("transformers", dtype, batch_size), Stage.IN_PROCESS,
                     f"batch sweep: transformers generate(), {dtype}, batch {batch_size}",
@@ -120,9 +130,9 @@ def _measure_transformers(
 
 
 def flop_ceiling(context: BenchContext, dtype: str) -> float | None:
-    """Tokens/s the measured matmul rate allows for this model and dtype (2 FLOPs per parameter per token)."""
-    ceilings = context.results.get("machine/ceilings")
-    if not isinstance(ceilings, Ceilings):
+    """Return the tokens/s the measured matmul rate allows for this model and dtype (2 FLOPs/parameter/token)."""
+    ceilings = context.ceilings()
+    if ceilings is None:
         return None
     return ceilings.batched_tokens_per_s(context.facts(dtype).num_parameters, dtype)
 
@@ -232,8 +242,8 @@ def _sweep_outputs(context: BenchContext) -> tuple[Table, Plot]:
 
 def _roofline_series(context: BenchContext, dtype: str) -> Series | None:
     """min(batch * bandwidth / weight bytes, FLOP rate / 2P): the roofline bound at each batch size."""
-    ceilings = context.results.get("machine/ceilings")
-    if not isinstance(ceilings, Ceilings):
+    ceilings = context.ceilings()
+    if ceilings is None:
         return None
     facts = context.facts(dtype)
     flop_bound = ceilings.batched_tokens_per_s(facts.num_parameters, dtype)

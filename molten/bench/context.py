@@ -20,6 +20,7 @@ import torch
 
 from molten.bench.choices import DOOR_NAMES, DTYPE_NAMES, PEER_NAMES, WORKLOAD_NAMES
 from molten.bench.metrics import RequestRecord, RequestSpec, RunMetrics, summarize_run
+from molten.bench.roofline import Ceilings
 from molten.bench.workloads import WorkloadSizes
 from molten.config import CacheConfig, EngineConfig, SchedulerConfig
 from molten.engine.llm_engine import MAX_DEFAULT_MODEL_LEN
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 SERVE_DOORS = ("http", "handle")
 """Served doors in order of preference for workloads that need only one of them."""
+
+CEILINGS_KEY = "machine/ceilings"
+"""Result key of the machine's copy-bandwidth and matmul-rate measurement."""
 
 DOOR_LABELS = {"engine": "Molten engine", "handle": "Molten Serve handle", "http": "Molten HTTP (SSE)"}
 
@@ -108,6 +112,13 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class ResultsByKey:
+    """Results of a measurement that measured several systems at once, each stored under its own key."""
+
+    results: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     model_id: str
     num_parameters: int
@@ -155,6 +166,11 @@ class BenchContext:
             max_model_len=max_model_len,
             vocab_size=len(loaded.tokenizer),
         )
+
+    def ceilings(self) -> Ceilings | None:
+        """Return the machine ceilings measured in this run, or None when they were not measured."""
+        result = self.results.get(CEILINGS_KEY)
+        return result if isinstance(result, Ceilings) else None
 
     @property
     def first_dtype(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import sys
 import time
 from typing import TextIO
@@ -16,7 +17,15 @@ from typing import TextIO
 import torch
 
 from molten.bench import concurrent, disagg, long_context, profile, shared_prefix, single
-from molten.bench.context import BenchContext, BenchOptions, Measurement, Skipped, Stage
+from molten.bench.context import (
+    CEILINGS_KEY,
+    BenchContext,
+    BenchOptions,
+    Measurement,
+    ResultsByKey,
+    Skipped,
+    Stage,
+)
 from molten.bench.hardware import hardware_line
 from molten.bench.report import BenchReport, Section, Table, format_number
 from molten.bench.roofline import COPY_BYTES, MATMUL_SIZE, Ceilings, measure_ceilings
@@ -31,7 +40,6 @@ WORKLOAD_MODULES = {
     long_context.NAME: long_context,
     disagg.NAME: disagg,
 }
-CEILINGS_KEY = "machine/ceilings"
 QUICK_MATMUL_TIMEOUT_S = 30.0
 """Limit of one dtype's matmul measurement in a quick run (a slow bfloat16 kernel otherwise takes 90 s)."""
 
@@ -78,12 +86,18 @@ def run_measurements(context: BenchContext, measurements: list[Measurement], pro
             logger.exception("measurement %s failed", measurement.key)
             result = Skipped(f"failed: {type(exc).__name__}: {exc}", failed=True)
         context.results[measurement.key] = result
+        if isinstance(result, ResultsByKey):
+            context.results.update(result.results)
         took = time.perf_counter() - started
         if isinstance(result, Skipped):
             progress.line(f"({number}/{len(measurements)}) {'FAILED' if result.failed else 'skipped'} after "
                           f"{took:.1f} s: {result.reason}")
-        else:
-            progress.line(f"({number}/{len(measurements)}) done in {took:.1f} s")
+            continue
+        progress.line(f"({number}/{len(measurements)}) done in {took:.1f} s")
+        parts = result.results.items() if isinstance(result, ResultsByKey) else ()
+        for part_key, part in parts:
+            if isinstance(part, Skipped):
+                progress.line(f"    {part_key} {'FAILED' if part.failed else 'skipped'}: {part.reason}")
 
 
 def ceilings_section(context: BenchContext) -> Section:
@@ -124,7 +138,8 @@ def ceilings_section(context: BenchContext) -> Section:
     )
 
 
-def build_report(context: BenchContext, date: str) -> BenchReport:
+def build_report(context: BenchContext, date: str, load_averages: tuple[float, float]) -> BenchReport:
+    """Assemble the page; `load_averages` is the 1-minute load average at the start and end of the run."""
     options = context.options
     notes = []
     if options.quick:
@@ -136,6 +151,10 @@ def build_report(context: BenchContext, date: str) -> BenchReport:
         notes.append(options.note)
     if options.dtype_note:
         notes.append(options.dtype_note)
+    notes.append(
+        f"1-minute load average: {load_averages[0]:.1f} when the run started, {load_averages[1]:.1f} when it ended "
+        f"({os.cpu_count()} logical cores). A load above the core count means other processes shared the CPU."
+    )
     notes.append(
         "Every figure comes from this one run on this machine; compare ratios, not absolute times. Molten ran with "
         f"{options.num_threads} torch threads, greedy decoding, EOS ignored so every system generates the same "
@@ -155,6 +174,7 @@ def run_bench(options: BenchOptions, stream: TextIO = sys.stderr) -> tuple[Bench
     torch.set_num_threads(options.num_threads)
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     context = BenchContext(options)
+    load_at_start = os.getloadavg()[0]
     try:
         progress = Progress(stream)
         progress.line(f"loading {options.model} and planning; {options.num_threads} torch threads"
@@ -162,6 +182,6 @@ def run_bench(options: BenchOptions, stream: TextIO = sys.stderr) -> tuple[Bench
         measurements = plan_measurements(context)
         progress.line(f"{len(measurements)} measurements planned")
         run_measurements(context, measurements, progress)
-        return build_report(context, date), context
+        return build_report(context, date, (load_at_start, os.getloadavg()[0])), context
     finally:
         context.close()

@@ -1,110 +1,145 @@
 """The single workload: one stream, a 128-token prompt, 128 new tokens (TTFT and decode tokens/s).
 
 Measured through every selected Molten door and against transformers' `generate()`
-and llama.cpp, each run `repeats` times with a fresh prompt; the median run is kept.
+and llama.cpp. The in-process systems take turns (one run each per round, `repeats`
+rounds, a fresh prompt per round), and so do the served doors, so a change in the
+machine's background load during the workload affects every system alike. Each
+system's median run is kept.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import logging
 from collections.abc import Callable
+from functools import partial
 
-from molten.bench.context import DOOR_LABELS, BenchContext, Measurement, Skipped, Stage
+from molten.bench.context import DOOR_LABELS, BenchContext, Measurement, ResultsByKey, Skipped, Stage
 from molten.bench.metrics import RequestSpec, RunMetrics, median_run, summarize_run
 from molten.bench.report import Section, Table, format_number, format_ratio
 from molten.bench.workloads import single_requests
 
+logger = logging.getLogger(__name__)
+
 NAME = "single"
+LLAMACPP_KEY = "single/llamacpp/q4_1"
+
+SystemRun = Callable[[list[RequestSpec]], RunMetrics]
+"""Function that runs one request list through one system and summarizes the run."""
+SystemSetup = Callable[[BenchContext], SystemRun]
+"""Function that prepares a system (loads it, warms it up) and returns its `SystemRun`."""
+
+
+class SystemUnavailableError(RuntimeError):
+    """A peer that cannot run here (for example llama-cpp-python is not installed)."""
 
 
 def key(system: str, dtype: str) -> str:
     return f"single/{system}/{dtype}"
 
 
-LLAMACPP_KEY = "single/llamacpp/q4_1"
-
-
 def plan(context: BenchContext) -> list[Measurement]:
     options = context.options
     sizes = context.sizes
-    what = f"{sizes.single_prompt_len}-token prompt, {sizes.single_new_tokens} new tokens"
-    measurements = []
+    what = f"{sizes.single_prompt_len}-token prompt, {sizes.single_new_tokens} new tokens, {sizes.repeats} round(s)"
+    in_process: list[tuple[str, SystemSetup]] = []
     if "engine" in options.doors:
-        for dtype in options.dtypes:
-            measurements.append(Measurement(
-                key("engine", dtype), Stage.IN_PROCESS, f"single: Molten engine, {dtype}, {what}",
-                partial(_measure_engine, dtype=dtype),
-            ))
+        in_process += [(key("engine", dtype), partial(_set_up_engine, dtype=dtype)) for dtype in options.dtypes]
     if "transformers" in options.peers:
-        for dtype in options.dtypes:
-            measurements.append(Measurement(
-                key("transformers", dtype), Stage.IN_PROCESS, f"single: transformers generate(), {dtype}, {what}",
-                partial(_measure_transformers, dtype=dtype),
-            ))
+        in_process += [
+            (key("transformers", dtype), partial(_set_up_transformers, dtype=dtype)) for dtype in options.dtypes
+        ]
     if "llamacpp" in options.peers:
-        measurements.append(Measurement(
-            LLAMACPP_KEY, Stage.IN_PROCESS, f"single: llama.cpp on the GGUF file, {what}", _measure_llamacpp
-        ))
-    for door in ("handle", "http"):
-        if door in options.doors:
+        in_process.append((LLAMACPP_KEY, _set_up_llamacpp))
+    served = [
+        (key(door, context.first_dtype), partial(_set_up_served, door=door))
+        for door in ("handle", "http")
+        if door in options.doors
+    ]
+
+    measurements = []
+    for group_key, stage, systems in (
+        ("single/in-process", Stage.IN_PROCESS, in_process),
+        ("single/served", Stage.SERVE_COLOCATED, served),
+    ):
+        if systems:
+            names = ", ".join(system_key.split("/", 1)[1] for system_key, _ in systems)
             measurements.append(Measurement(
-                key(door, context.first_dtype), Stage.SERVE_COLOCATED,
-                f"single: {DOOR_LABELS[door]}, {context.first_dtype}, {what}",
-                partial(_measure_served, door=door),
+                group_key, stage, f"single: {names} in turn, {what}", partial(_measure_in_turn, systems=systems)
             ))
     return measurements
 
 
-def _repeat(context: BenchContext, dtype: str, measure_once: Callable[[list[RequestSpec]], RunMetrics]) -> RunMetrics:
-    """Run the workload `repeats` times, each with its own prompt (so no prefix cache helps), keep the median."""
-    vocab_size = context.facts(dtype).vocab_size
-    runs = [
-        measure_once(single_requests(context.sizes, vocab_size, context.options.seed + repeat))
-        for repeat in range(context.sizes.repeats)
-    ]
-    return median_run(runs)
+def _measure_in_turn(context: BenchContext, systems: list[tuple[str, SystemSetup]]) -> ResultsByKey:
+    """Run every system once per round, in turn, and keep each system's median run.
+
+    Each round uses its own prompt, so no prefix cache carries over between rounds. A
+    system that cannot be set up or fails is recorded as skipped or failed on its own.
+    """
+    results: dict[str, RunMetrics | Skipped] = {}
+    runs: dict[str, SystemRun] = {}
+    for system_key, set_up in systems:
+        try:
+            runs[system_key] = set_up(context)
+        except SystemUnavailableError as exc:
+            results[system_key] = Skipped(str(exc))
+
+    measured: dict[str, list[RunMetrics]] = {system_key: [] for system_key in runs}
+    vocab_size = context.facts(context.first_dtype).vocab_size
+    for repeat in range(context.sizes.repeats):
+        requests = single_requests(context.sizes, vocab_size, context.options.seed + repeat)
+        for system_key, run in list(runs.items()):
+            try:
+                measured[system_key].append(run(requests))
+            except Exception as exc:
+                logger.exception("single-stream run of %s failed", system_key)
+                results[system_key] = Skipped(f"failed: {type(exc).__name__}: {exc}", failed=True)
+                del runs[system_key]
+    for system_key in runs:
+        results[system_key] = median_run(measured[system_key])
+    return ResultsByKey(results)
 
 
-def _measure_engine(context: BenchContext, dtype: str) -> RunMetrics:
-    return _repeat(context, dtype, lambda requests: context.measure_engine(requests, dtype))
+def _set_up_engine(context: BenchContext, dtype: str) -> SystemRun:
+    from molten.bench.door_engine import EngineDoor
+
+    door = EngineDoor.build(context.engine_config(dtype), context.engine_model(dtype))
+    limit_s = context.options.run_time_limit_s
+    return lambda requests: summarize_run(DOOR_LABELS["engine"], dtype, door.run(requests, limit_s))
 
 
-def _measure_served(context: BenchContext, door: str) -> RunMetrics:
-    return _repeat(context, context.first_dtype, lambda requests: context.measure_served(requests, door))
+def _set_up_served(context: BenchContext, door: str) -> SystemRun:
+    served = context.serve_door(door, "colocated")
+    limit_s = context.options.run_time_limit_s
+    return lambda requests: summarize_run(DOOR_LABELS[door], context.first_dtype, served.run(requests, limit_s))
 
 
-def _measure_transformers(context: BenchContext, dtype: str) -> RunMetrics:
+def _set_up_transformers(context: BenchContext, dtype: str) -> SystemRun:
     from molten.bench.peer_transformers import TransformersPeer
 
     peer = TransformersPeer.for_model(context.peer_model(dtype))
     peer.warm_up()
     limit_s = context.options.run_time_limit_s
-    return _repeat(
-        context, dtype,
-        lambda requests: summarize_run("transformers generate()", dtype, peer.run(requests, 1, limit_s)),
-    )
+    return lambda requests: summarize_run("transformers generate()", dtype, peer.run(requests, 1, limit_s))
 
 
-def _measure_llamacpp(context: BenchContext) -> RunMetrics | Skipped:
+def _set_up_llamacpp(context: BenchContext) -> SystemRun:
     from molten.bench.peer_llamacpp import LlamaCppPeer, LlamaCppUnavailableError, gguf_path_for
 
     try:
         path = gguf_path_for(context.options.model)
         peer = LlamaCppPeer(str(path), context.options.num_threads, context.facts(context.first_dtype).max_model_len)
     except LlamaCppUnavailableError as exc:
-        return Skipped(str(exc))
+        raise SystemUnavailableError(str(exc)) from None
     peer.warm_up()
     limit_s = context.options.run_time_limit_s
     label = f"llama.cpp ({context.options.num_threads} threads)"
     weights = f"GGUF {path.stat().st_size / 1e6:.0f} MB"
-    return _repeat(
-        context, context.first_dtype, lambda requests: summarize_run(label, weights, peer.run(requests, limit_s))
-    )
+    return lambda requests: summarize_run(label, weights, peer.run(requests, limit_s))
 
 
 def _decode_ceiling(context: BenchContext, weight_bytes: int | None) -> float | None:
-    ceilings = context.results.get("machine/ceilings")
-    if ceilings is None or isinstance(ceilings, Skipped) or weight_bytes is None:
+    ceilings = context.ceilings()
+    if ceilings is None or weight_bytes is None:
         return None
     return ceilings.decode_tokens_per_s(weight_bytes)
 
@@ -160,14 +195,14 @@ def section(context: BenchContext) -> Section:
 
 
 def _weight_bytes(context: BenchContext, result_key: str, result: RunMetrics) -> int | None:
-    if result_key == LLAMACPP_KEY:
-        from molten.bench.peer_llamacpp import gguf_path_for
+    if result_key != LLAMACPP_KEY:
+        return context.facts(result.dtype).weight_bytes
+    from molten.bench.peer_llamacpp import LlamaCppUnavailableError, gguf_path_for
 
-        try:
-            return gguf_path_for(context.options.model).stat().st_size
-        except Exception:
-            return None
-    return context.facts(result.dtype).weight_bytes
+    try:
+        return gguf_path_for(context.options.model).stat().st_size
+    except (LlamaCppUnavailableError, OSError):
+        return None
 
 
 def _ratios(context: BenchContext) -> list[str]:

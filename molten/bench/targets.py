@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from molten.bench import concurrent, long_context, shared_prefix, single
-from molten.bench.context import BenchContext, Skipped
+from molten.bench.context import CEILINGS_KEY, BenchContext, Skipped
 from molten.bench.metrics import RunMetrics
 from molten.bench.report import Section, Table
 
@@ -102,7 +102,7 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
         targets.append(_ratio(
             f"concurrent: Molten {dtype} output tokens/s / matmul-rate ceiling", 0.5, True,
             _value(results.get(engine_key), "output_tokens_per_s"), concurrent.flop_ceiling(context, dtype),
-            "ceiling = matmul GFLOP/s / (2 x parameters)", _why_missing(context, engine_key, "machine/ceilings"),
+            "ceiling = matmul GFLOP/s / (2 x parameters)", _why_missing(context, engine_key, CEILINGS_KEY),
         ))
 
     engine_key = concurrent.run_key("together", "engine", first)

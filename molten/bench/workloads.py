@@ -84,7 +84,7 @@ class WorkloadSizes:
     def quick(cls) -> WorkloadSizes:
         """Fewer requests and shorter outputs, sized to finish in minutes on two CPU cores."""
         return cls(
-            repeats=1,
+            repeats=3,
             single_prompt_len=128,
             single_new_tokens=32,
             concurrent_requests=8,
