@@ -81,6 +81,19 @@ class ServeSettings:
         return f"molten:{role}:{served_model_id(self.model)}"
 
 
+def enable_ray_token_auth_for_join() -> None:
+    """Make this process send the Ray auth token when it joins an existing cluster.
+
+    Ray 2.60 clusters started by `ray.init()` require a token by default, but a joining
+    process sends the token (from ~/.ray/auth_token or RAY_AUTH_TOKEN) only when
+    RAY_AUTH_MODE is "token". Ray reads that variable when it is imported, so call this
+    before the first `import ray`.
+    """
+    has_token = "RAY_AUTH_TOKEN" in os.environ or os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and has_token:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def served_model_id(model: str) -> str:
     """The id clients send in `model`: the catalog name, or a path's last component."""
     return os.path.basename(os.path.normpath(model)) if os.sep in model else model

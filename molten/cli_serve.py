@@ -365,6 +365,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"molten serve: error: {SETTING_FLAGS.get(exc.field, exc.field)}: {exc}", file=sys.stderr)
         return 2
 
+    if settings.address:
+        from molten.deployments.settings import enable_ray_token_auth_for_join
+
+        enable_ray_token_auth_for_join()
     blocks = None
     started = time.monotonic()
     try:
