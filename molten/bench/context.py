@@ -112,6 +112,18 @@ class Skipped:
 
 
 @dataclass(frozen=True)
+class LogEntry:
+    """How long one measurement took, and how busy the machine was when it ended."""
+
+    description: str
+    seconds: float
+    load_average: float
+    """1-minute load average (runnable processes, all users) when the measurement ended."""
+    status: str
+    """`done`, `skipped` or `failed`."""
+
+
+@dataclass(frozen=True)
 class ResultsByKey:
     """Results of a measurement that measured several systems at once, each stored under its own key."""
 
@@ -134,6 +146,7 @@ class BenchContext:
         self.options = options
         self.sizes = options.sizes
         self.results: dict[str, Any] = {}
+        self.log: list[LogEntry] = []
         self._engine_models: dict[str, Any] = {}
         self._peer_models: dict[str, Any] = {}
         self._serve = None

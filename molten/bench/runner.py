@@ -1,8 +1,8 @@
 """Orders and runs the planned measurements, shows progress, and assembles the report.
 
 Measurements run machine first, then everything in-process, then the Serve stages, so
-the engine door and the peers never share the CPU with Ray's processes. A measurement
-that fails is recorded as failed on the page and the run continues.
+the engine door and the peers run before this run starts Ray. A measurement that
+fails is recorded as failed on the page and the run continues.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from molten.bench.context import (
     CEILINGS_KEY,
     BenchContext,
     BenchOptions,
+    LogEntry,
     Measurement,
     ResultsByKey,
     Skipped,
@@ -89,6 +90,10 @@ def run_measurements(context: BenchContext, measurements: list[Measurement], pro
         if isinstance(result, ResultsByKey):
             context.results.update(result.results)
         took = time.perf_counter() - started
+        status = "done"
+        if isinstance(result, Skipped):
+            status = "failed" if result.failed else "skipped"
+        context.log.append(LogEntry(measurement.description, took, os.getloadavg()[0], status))
         if isinstance(result, Skipped):
             progress.line(f"({number}/{len(measurements)}) {'FAILED' if result.failed else 'skipped'} after "
                           f"{took:.1f} s: {result.reason}")
@@ -138,6 +143,22 @@ def ceilings_section(context: BenchContext) -> Section:
     )
 
 
+def log_section(context: BenchContext) -> Section:
+    rows = [
+        [str(number), entry.description, entry.status, f"{entry.seconds:.1f}", f"{entry.load_average:.1f}"]
+        for number, entry in enumerate(context.log, start=1)
+    ]
+    return Section(
+        title="Run log",
+        paragraphs=[
+            "Every measurement in the order it ran, with the 1-minute load average when it ended. On a machine with "
+            f"{os.cpu_count()} logical cores, a load above {os.cpu_count()} means other processes competed for the "
+            "CPU, so figures measured then are slower than the machine allows.",
+        ],
+        tables=[Table(["#", "measurement", "status", "seconds", "load average"], rows)],
+    )
+
+
 def build_report(context: BenchContext, date: str, load_averages: tuple[float, float]) -> BenchReport:
     """Assemble the page; `load_averages` is the 1-minute load average at the start and end of the run."""
     options = context.options
@@ -165,6 +186,7 @@ def build_report(context: BenchContext, date: str, load_averages: tuple[float, f
     profile_section = profile.section(context)
     if profile_section is not None:
         sections.append(profile_section)
+    sections.append(log_section(context))
     return BenchReport(command=options.command, date=date, hardware=hardware_line(), notes=notes, sections=sections)
 
 

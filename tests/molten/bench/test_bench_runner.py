@@ -32,9 +32,12 @@ def test_run_measurements_stores_results_and_failures():
     assert "RuntimeError: boom" in context.results["b"].reason
     assert context.results["c/x"] == 1
     assert context.results["c/y"] == Skipped("not installed")
-    log = output.getvalue()
-    assert "(2/3) FAILED" in log
-    assert "c/y skipped: not installed" in log
+    progress_lines = output.getvalue()
+    assert "(2/3) FAILED" in progress_lines
+    assert "c/y skipped: not installed" in progress_lines
+    assert [entry.status for entry in context.log] == ["done", "failed", "done"]
+    assert [entry.description for entry in context.log] == ["returns a value", "raises", "returns parts"]
+    assert all(entry.seconds >= 0 for entry in context.log)
 
 
 def test_single_systems_take_turns():
