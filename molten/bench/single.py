@@ -57,23 +57,27 @@ def plan(context: BenchContext) -> list[Measurement]:
     ]
 
     measurements = []
-    for group_key, stage, systems in (
-        ("single/in-process", Stage.IN_PROCESS, in_process),
-        ("single/served", Stage.SERVE_COLOCATED, served),
+    # The served doors share one deployed engine, so each gets its own prompts (same length)
+    # to keep one door's prompt out of the other's prefix cache.
+    for group_key, stage, systems, salted in (
+        ("single/in-process", Stage.IN_PROCESS, in_process, False),
+        ("single/served", Stage.SERVE_COLOCATED, served, True),
     ):
         if systems:
             names = ", ".join(system_key.split("/", 1)[1] for system_key, _ in systems)
             measurements.append(Measurement(
-                group_key, stage, f"single: {names} in turn, {what}", partial(_measure_in_turn, systems=systems)
+                group_key, stage, f"single: {names} in turn, {what}",
+                partial(_measure_in_turn, systems=systems, salted=salted),
             ))
     return measurements
 
 
-def _measure_in_turn(context: BenchContext, systems: list[tuple[str, SystemSetup]]) -> ResultsByKey:
+def _measure_in_turn(context: BenchContext, systems: list[tuple[str, SystemSetup]], salted: bool) -> ResultsByKey:
     """Run every system once per round, in turn, and keep each system's median run.
 
-    Each round uses its own prompt, so no prefix cache carries over between rounds. A
-    system that cannot be set up or fails is recorded as skipped or failed on its own.
+    Each round uses its own prompt, so no prefix cache carries over between rounds.
+    With `salted`, each system also gets its own prompt of the same length. A system
+    that cannot be set up or fails is recorded as skipped or failed on its own.
     """
     results: dict[str, RunMetrics | Skipped] = {}
     runs: dict[str, SystemRun] = {}
@@ -86,8 +90,9 @@ def _measure_in_turn(context: BenchContext, systems: list[tuple[str, SystemSetup
     measured: dict[str, list[RunMetrics]] = {system_key: [] for system_key in runs}
     vocab_size = context.facts(context.first_dtype).vocab_size
     for repeat in range(context.sizes.repeats):
-        requests = single_requests(context.sizes, vocab_size, context.options.seed + repeat)
         for system_key, run in list(runs.items()):
+            salt = system_key if salted else ""
+            requests = single_requests(context.sizes, vocab_size, context.options.seed + repeat, salt)
             try:
                 measured[system_key].append(run(requests))
             except Exception as exc:
@@ -185,7 +190,8 @@ def section(context: BenchContext) -> Section:
         title="Single stream",
         paragraphs=[
             f"One request at a time: a {sizes.single_prompt_len}-token prompt, {sizes.single_new_tokens} new tokens, "
-            f"greedy, EOS ignored; median of {sizes.repeats} run(s), each with a fresh prompt. Decode tokens/s "
+            f"greedy, EOS ignored; median of {sizes.repeats} round(s) in which the systems take turns, each run with "
+            "a fresh prompt of the same length. Decode tokens/s "
             "excludes the first token. The decode ceiling is the measured copy bandwidth divided by the bytes of "
             "weights one step reads (the GGUF file size for llama.cpp).",
         ],

@@ -4,6 +4,11 @@ Prompts are random token ids from a seeded generator, drawn above the first
 `FIRST_PROMPT_TOKEN_ID` ids so that no special token (BOS, EOS, chat markers) lands in
 a prompt. Their content does not change the cost of a forward pass, and every system
 is asked to ignore EOS, so each request generates exactly `max_tokens` tokens.
+
+Lengths and arrival times come from `seed` alone. A non-empty `salt` changes only the
+token ids: runs against one long-lived engine (the served doors) use a salt per run,
+so a later run cannot take its prompts' KV blocks from the prefix cache that an
+earlier run filled, and still does the same work.
 """
 
 from __future__ import annotations
@@ -114,33 +119,43 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
     return [rng.randrange(FIRST_PROMPT_TOKEN_ID, vocab_size) for _ in range(length)]
 
 
-def single_requests(sizes: WorkloadSizes, vocab_size: int, seed: int) -> list[RequestSpec]:
-    rng = random.Random(seed)
+def content_rng(seed: int, salt: str) -> random.Random:
+    """The generator of prompt token ids: `seed` alone without a salt, else seed and salt together."""
+    return random.Random(f"{seed}/{salt}" if salt else seed)
+
+
+def single_requests(sizes: WorkloadSizes, vocab_size: int, seed: int, salt: str = "") -> list[RequestSpec]:
+    rng = content_rng(seed, salt)
     return [RequestSpec(random_prompt(rng, sizes.single_prompt_len, vocab_size), sizes.single_new_tokens)]
 
 
-def concurrent_requests(sizes: WorkloadSizes, vocab_size: int, seed: int, *, poisson: bool) -> list[RequestSpec]:
+def concurrent_requests(
+    sizes: WorkloadSizes, vocab_size: int, seed: int, *, poisson: bool, salt: str = ""
+) -> list[RequestSpec]:
     """Build the concurrent workload: all requests at t=0, or Poisson arrivals at `poisson_rate_per_s`.
 
     Prompt lengths and arrival gaps come from separate generators, so both variants get
     the same prompts.
     """
-    prompt_rng = random.Random(seed)
+    length_rng = random.Random(seed)
+    token_rng = content_rng(seed, salt)
     arrival_rng = random.Random(seed + 1)
     low, high = sizes.concurrent_prompt_lens
     requests = []
     arrival_s = 0.0
     for index in range(sizes.concurrent_requests):
-        prompt = random_prompt(prompt_rng, prompt_rng.randint(low, high), vocab_size)
+        prompt = random_prompt(token_rng, length_rng.randint(low, high), vocab_size)
         if poisson and index > 0:
             arrival_s += arrival_rng.expovariate(sizes.poisson_rate_per_s)
         requests.append(RequestSpec(prompt, sizes.concurrent_new_tokens, arrival_s))
     return requests
 
 
-def sweep_requests(sizes: WorkloadSizes, vocab_size: int, seed: int, batch_size: int) -> list[RequestSpec]:
+def sweep_requests(
+    sizes: WorkloadSizes, vocab_size: int, seed: int, batch_size: int, salt: str = ""
+) -> list[RequestSpec]:
     """`batch_size` equal-length prompts arriving together, for the throughput-against-batch-size sweep."""
-    rng = random.Random(seed)
+    rng = content_rng(seed, salt)
     return [
         RequestSpec(random_prompt(rng, sizes.sweep_prompt_len, vocab_size), sizes.sweep_new_tokens)
         for _ in range(batch_size)

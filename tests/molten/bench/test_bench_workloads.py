@@ -9,6 +9,7 @@ from molten.bench.workloads import (
     context_lengths,
     interference_requests,
     shared_prefix_requests,
+    single_requests,
 )
 
 VOCAB_SIZE = 49_152
@@ -79,3 +80,23 @@ def test_interference_long_prompts_fit_small_window():
     sizes = WorkloadSizes.full()
     requests = interference_requests(sizes, VOCAB_SIZE, seed=0, max_model_len=1024)
     assert max(len(r.prompt_token_ids) for r in requests) == 1022
+
+
+def test_salt_changes_tokens_not_lengths_or_arrivals():
+    sizes = WorkloadSizes.full()
+    plain = concurrent_requests(sizes, VOCAB_SIZE, seed=0, poisson=True)
+    salted = concurrent_requests(sizes, VOCAB_SIZE, seed=0, poisson=True, salt="http")
+
+    assert [len(r.prompt_token_ids) for r in salted] == [len(r.prompt_token_ids) for r in plain]
+    assert [r.arrival_s for r in salted] == [r.arrival_s for r in plain]
+    assert all(s.prompt_token_ids != p.prompt_token_ids for s, p in zip(salted, plain))
+    assert salted == concurrent_requests(sizes, VOCAB_SIZE, seed=0, poisson=True, salt="http")
+    assert salted != concurrent_requests(sizes, VOCAB_SIZE, seed=0, poisson=True, salt="handle")
+
+
+def test_single_requests_salted_per_system():
+    sizes = WorkloadSizes.quick()
+    handle = single_requests(sizes, VOCAB_SIZE, seed=1, salt="handle")
+    http = single_requests(sizes, VOCAB_SIZE, seed=1, salt="http")
+    assert len(handle[0].prompt_token_ids) == len(http[0].prompt_token_ids) == sizes.single_prompt_len
+    assert handle[0].prompt_token_ids != http[0].prompt_token_ids
