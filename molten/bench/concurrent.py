@@ -185,9 +185,10 @@ def section(context: BenchContext) -> Section:
         f"`together`: all sent at once; `poisson`: Poisson arrivals at {sizes.poisson_rate_per_s:g} requests/s. "
         f"transformers runs the same prompts in static batches of {sizes.static_batch_size} (left-padded, with an "
         "attention mask), one batch after another. The matmul ceiling is the measured matrix-product rate divided "
-        "by 2 FLOPs per parameter per token. The served doors share one deployed engine across runs, so each of "
-        "their runs gets prompts of the same lengths with other token ids, which keeps earlier runs' KV blocks "
-        "out of reach of its prefix cache; `prefix hits` shows the share of prompt tokens served from it.",
+        "by 2 FLOPs per parameter per token. The served doors share one deployed engine across runs. Each of "
+        "their runs therefore gets prompts of the same lengths but other token ids, so the prefix cache cannot "
+        "serve it KV blocks from an earlier run. `prefix hits` is the share of prompt tokens served from the "
+        "prefix cache.",
     ]
     section = Section(title="Concurrent requests", paragraphs=paragraphs, tables=[Table(RUN_COLUMNS, rows)])
     section.ratios = _ratios(context)
