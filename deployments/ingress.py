@@ -1,7 +1,7 @@
 """The HTTP ingress: OpenAI-compatible routes on Ray Serve, plus Molten's own under /v1/molten.
 
 The ingress validates and tokenizes (it loads only the tokenizer, no weights), so a
-client mistake is answered with a 400 before any worker is involved. Every error leaves
+client mistake gets a 400 before any worker is involved. Every error leaves
 as an OpenAI-style body; nothing a client sends produces a 500.
 """
 
@@ -93,7 +93,7 @@ class MoltenIngress:
         model_id: str,
         model_spec: str,
         max_body_bytes: int,
-        default_max_tokens: int,
+        default_max_tokens: int | None,
         prefill: DeploymentHandle | None = None,
         decode: DeploymentHandle | None = None,
         colocated: DeploymentHandle | None = None,
@@ -160,7 +160,7 @@ class MoltenIngress:
         params = parsed.to_sampling_params(
             max_model_len=info["max_model_len"],
             num_prompt_tokens=len(prompt_token_ids),
-            default_max_tokens=None,
+            default_max_tokens=self.default_max_tokens,
         )
         prepared = PreparedRequest(
             request_id=f"{kind}-{uuid.uuid4().hex[:16]}",

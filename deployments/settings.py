@@ -40,7 +40,8 @@ class ServeSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest accepted request body; larger ones get HTTP 413."""
     max_model_len: int | None = None
-    default_max_tokens: int = 256
+    default_max_tokens: int | None = None
+    """max_tokens for requests that do not set it; None keeps the endpoint defaults (chat 512, completions 16)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     app_name: str = "molten"
@@ -71,7 +72,6 @@ class ServeSettings:
             dtype=self.dtype,
             max_model_len=self.max_model_len,
             num_threads=self.num_threads,
-            default_max_tokens=self.default_max_tokens,
             cache=self.cache,
             scheduler=self.scheduler,
         )

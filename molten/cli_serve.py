@@ -266,7 +266,7 @@ def settings_info(settings: ServeSettings, api_base: str, dashboard: str) -> dic
         "kv_cache_memory_mib": settings.cache.kv_cache_memory_mib,
         "kv_block_size": settings.cache.kv_block_size,
         "max_model_len": settings.max_model_len or "model default",
-        "default_max_tokens": settings.default_max_tokens,
+        "default_max_tokens": settings.default_max_tokens or "endpoint default (chat 512, completions 16)",
     }
 
 

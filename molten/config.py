@@ -77,8 +77,6 @@ class EngineConfig:
     """Context window in tokens; None takes the model's own (capped at 8192)."""
     num_threads: int | None = None
     """Torch intra-op threads for this engine's process; None leaves torch's default."""
-    default_max_tokens: int = 256
-    """Generated tokens when a request does not set max_tokens."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     log_step_stats: bool = False
@@ -96,7 +94,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class EngineFacts:
-    """What the engine found at start-up."""
+    """Facts the engine found at start-up."""
 
     model_id: str
     max_model_len: int

@@ -8,7 +8,7 @@ Prefix caching: once every slot of a block holds computed K/V, the block gets a 
 its tokens chained with the hash of the block before it, so equal hashes mean equal
 prefixes. A new sequence whose leading full blocks hash the same reuses them by
 reference count. Blocks whose count falls to zero go to the back of the free list but
-keep their hash, so a later request can still hit them; allocation takes from the front,
+keep their hash, so a later request can still hit them. Allocation takes from the front,
 which evicts the least recently freed cached block first.
 """
 

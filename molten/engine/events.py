@@ -1,8 +1,8 @@
-"""What the engine streams per generated token, and per finished sequence."""
+"""Records the engine streams: one per generated token, and the KV handoff cost."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -11,7 +11,7 @@ class TokenEvent:
 
     request_id: str
     seq_index: int
-    """Which of the request's `n` sequences produced the token."""
+    """Index of the request's sequence (0..n-1) that produced the token."""
     token_id: int
     text: str
     """Text delta this token makes visible. It may be empty (a partial UTF-8 character or
@@ -62,13 +62,3 @@ class HandoffStats:
             "import_ms": round(self.import_ms, 3),
             "total_ms": round(self.total_ms, 3),
         }
-
-
-@dataclass
-class RequestTimings:
-    """Per-request figures reported with the final response."""
-
-    arrival_time: float
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    token_times: list[float] = field(default_factory=list)

@@ -8,9 +8,9 @@ starts above zero) and a decode step (one new token) differ only in those number
 Per step, under `max_num_batched_tokens`:
 1. Running sequences first, in order, so decodes are never stalled by new prompts.
    When a sequence needs a KV block and none is free, the lowest-ranked running
-   sequence is preempted: its blocks are freed and it goes back to the front of the
-   waiting queue to be recomputed later (its generated tokens are kept, so its output
-   does not change).
+   sequence is preempted. Its blocks are freed and it goes back to the front of the
+   waiting queue to be recomputed later. Its generated tokens are kept, so its output
+   does not change.
 2. Then waiting sequences, in policy order, while token budget, `max_num_seqs` and
    free blocks allow. With chunked prefill a prompt that does not fit the remaining
    budget is split; without it, the prompt waits for a step with room.
@@ -80,7 +80,7 @@ class Scheduler:
         return (seq.arrival_time, seq.seq_id)
 
     def add(self, seq: Sequence, enforce_queue_limit: bool = True) -> None:
-        """Queue a sequence. Raises QueueFullError at `max_num_waiting` unless told not to."""
+        """Queue a sequence. Raises QueueFullError at `max_num_waiting` unless `enforce_queue_limit` is False."""
         if enforce_queue_limit and len(self.waiting) >= self.config.max_num_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_num_waiting)")
         seq.status = SequenceStatus.WAITING

@@ -1,6 +1,6 @@
 """One Ray Serve instance per test session, serving the bundled model in both modes.
 
-The disaggregated application answers at `/`, the co-located one at `/colocated`, on a
+The disaggregated application is served at `/`, the co-located one at `/colocated`, on a
 free loopback port. Every request in these tests goes to 127.0.0.1.
 """
 

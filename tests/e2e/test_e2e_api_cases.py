@@ -61,9 +61,15 @@ def test_c03_invalid_max_tokens(client, value):
 
 
 def test_c03_max_tokens_past_window_clamped(client):
-    response = client.post("/v1/completions", json={"model": M, "prompt": "test", "max_tokens": 10**9, "temperature": 0})
     # A huge integer is clamped to the window (its float form 1e9 is rejected above).
+    # ignore_eos makes the clamp visible: generation runs until the window is full.
+    window = client.get("/health").json()["max_model_len"]
+    prompt = [28] * (window - 3)
+    body = {"model": M, "prompt": prompt, "max_tokens": 10**9, "temperature": 0, "ignore_eos": True}
+    response = client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 3
+    assert response.json()["choices"][0]["finish_reason"] == "length"
     assert_still_serving(client)
 
 
