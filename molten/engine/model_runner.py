@@ -9,15 +9,33 @@ import torch
 from molten.engine.attention import ATTENTION_IMPLEMENTATION, METADATA_KWARG, AttentionMetadata, PrefillSegment
 from molten.engine.kv_cache import PagedKVCache
 from molten.engine.sampler import SampledToken, sample
-from molten.engine.scheduler import SchedulerOutput
+from molten.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 
 @dataclass
 class RunnerOutput:
     sampled: dict[int, SampledToken] = field(default_factory=dict)
     """Sampled token per seq_id, for sequences whose scheduled tokens reached their end."""
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Raw float32 logits [k + 1, vocab] per seq_id for items verifying k > 0 draft tokens.
+
+    Row i scores the token after position `num_tokens - k - 1 + i`. These sequences are
+    not sampled here: the speculative decoder accepts or rejects their drafts.
+    """
     forward_ms: float = 0.0
     sample_ms: float = 0.0
+
+
+def num_logits_rows(item: ScheduledSequence) -> int:
+    """Logits rows an item that reaches its sequence's end needs: k + 1 when verifying k drafts, else 1."""
+    # `num_draft_tokens` is read with getattr until the speculative decoder adds the field.
+    num_draft_tokens = getattr(item, "num_draft_tokens", 0)
+    if num_draft_tokens >= item.num_new_tokens:
+        raise RuntimeError(
+            f"seq {item.seq.seq_id}: {num_draft_tokens} draft tokens need at least {num_draft_tokens + 1} "
+            f"scheduled tokens, got {item.num_new_tokens}"
+        )
+    return num_draft_tokens + 1
 
 
 class ModelRunner:
@@ -68,7 +86,9 @@ class ModelRunner:
                 mask = torch.arange(end).unsqueeze(0) <= query_pos  # [chunk, context]
                 segments.append(PrefillSegment(offset, offset + item.num_new_tokens, end, table, mask))
             if end == seq.num_tokens:
-                logits_index.append(offset + item.num_new_tokens - 1)
+                num_rows = num_logits_rows(item)
+                last = offset + item.num_new_tokens
+                logits_index.extend(range(last - num_rows, last))
 
         metadata = AttentionMetadata(
             kv_cache=self.kv_cache,
@@ -113,16 +133,27 @@ class ModelRunner:
             use_cache=False,
             logits_to_keep=torch.tensor(logits_index, dtype=torch.long),
             **{METADATA_KWARG: metadata},
-        ).logits[0]  # [num_sampled, vocab]
+        ).logits[0]  # [len(logits_index), vocab]
         t1 = time.perf_counter()
 
-        sampling_seqs = [
-            item.seq
-            for item in scheduler_output.scheduled
-            if item.seq.num_computed_tokens + item.num_new_tokens == item.seq.num_tokens
-        ]
-        for seq, token in zip(sampling_seqs, sample(logits, sampling_seqs)):
-            output.sampled[seq.seq_id] = token
+        sampling_seqs: list = []
+        sampling_rows: list[int] = []
+        row = 0
+        for item in scheduler_output.scheduled:
+            seq = item.seq
+            if seq.num_computed_tokens + item.num_new_tokens != seq.num_tokens:
+                continue
+            num_rows = num_logits_rows(item)
+            if getattr(item, "num_draft_tokens", 0) > 0:
+                output.logits[seq.seq_id] = logits[row : row + num_rows].float()  # [k + 1, vocab]
+            else:
+                sampling_seqs.append(seq)
+                sampling_rows.append(row)
+            row += num_rows
+        if sampling_seqs:
+            rows = logits if len(sampling_rows) == len(logits_index) else logits[sampling_rows]
+            for seq, token in zip(sampling_seqs, sample(rows, sampling_seqs)):
+                output.sampled[seq.seq_id] = token
         output.forward_ms = (t1 - t0) * 1000
         output.sample_ms = (time.perf_counter() - t1) * 1000
         return output
