@@ -23,10 +23,10 @@ def decode_until(engine, num_output_tokens: int) -> None:
         if all(seq.num_output_tokens >= num_output_tokens for seq in seqs):
             return
         engine.step()
-    raise AssertionError("sequences did not reach the wanted length in 200 steps")
+    raise AssertionError("sequences did not reach the expected length in 200 steps")
 
 
-def test_draft_items_get_raw_logits_and_others_are_sampled(tiny_llama, make_engine, reference_model):
+def test_draft_items_get_raw_logits(tiny_llama, make_engine, reference_model):
     engine = make_engine(tiny_llama)
     prompts = random_prompts(seed=7, count=2, min_len=20, max_len=40)
     for index, prompt in enumerate(prompts):
@@ -60,7 +60,7 @@ def test_draft_items_get_raw_logits_and_others_are_sampled(tiny_llama, make_engi
     assert output.sampled[plain.seq_id].token_id == plain_next
 
 
-def test_too_few_scheduled_tokens_for_the_drafts_is_an_error(tiny_llama, make_engine):
+def test_too_few_draft_rows_raise(tiny_llama, make_engine):
     engine = make_engine(tiny_llama)
     engine.add_request("short", random_prompts(seed=8, count=1, min_len=10, max_len=10)[0], greedy_params(10))
     decode_until(engine, num_output_tokens=1)
