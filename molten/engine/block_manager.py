@@ -148,9 +148,27 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references. Blocks that reach zero stay cached until evicted."""
+        self._release(seq.block_table)
+        seq.block_table.clear()
+
+    def trim(self, seq: Sequence, num_tokens: int) -> int:
+        """Free the blocks past the first `num_tokens` tokens (rejected drafts' slots); return how many.
+
+        A trailing block never carries a prefix-cache hash here, because blocks are
+        hashed only once full of computed tokens, and the computed tokens of a sequence
+        are rolled back to the accepted ones before any hashing.
+        """
+        num_keep = seq.num_blocks_for(num_tokens, self.kv_block_size)
+        trailing = seq.block_table[num_keep:]
+        if trailing:
+            self._release(trailing)
+            del seq.block_table[num_keep:]
+        return len(trailing)
+
+    def _release(self, block_ids: list[int]) -> None:
         # Reversed, so a sequence's tail blocks sit ahead of its head blocks in eviction
         # order: the head is the part another request is most likely to share.
-        for block_id in reversed(seq.block_table):
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count < 0:
@@ -162,7 +180,6 @@ class BlockManager:
                     self.free_block_ids.move_to_end(block_id, last=False)
                 else:
                     self.free_block_ids[block_id] = None
-        seq.block_table.clear()
 
     # -- prefix-cache registration ------------------------------------------------------
 

@@ -1,8 +1,10 @@
-"""Records the engine streams: one per generated token, and the KV handoff cost."""
+"""Records the engine streams: one per generated token, the KV handoff cost, speculation stats."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from molten.engine.spec_decode.stats import SpecDecodeStats
 
 
 @dataclass
@@ -24,7 +26,10 @@ class TokenEvent:
     batch_size: int
     """Number of sequences in the engine step that produced the token."""
     origin: str
-    """`prefill` (first token, sampled after the prompt), `decode`, or a speculative origin."""
+    """How the token was produced: `prefill` (first token, sampled after the prompt),
+    `decode` (one target step, one token), or with speculative decoding `draft-accepted`
+    (a draft the target verified), `recovered` (sampled in place of the first rejected
+    draft) or `bonus` (sampled after every draft was accepted)."""
     index: int
     """Position of the token among this sequence's generated tokens, from 0."""
     finish_reason: str | None = None
@@ -34,6 +39,8 @@ class TokenEvent:
     """Prompt tokens whose KV came from the prefix cache instead of being computed."""
     handoff: "HandoffStats | None" = None
     """Set on the first event a decode worker streams after importing KV blocks."""
+    spec_stats: SpecDecodeStats | None = None
+    """Acceptance statistics of the sequence, on its last event when it verified any drafts."""
 
 
 @dataclass

@@ -28,6 +28,9 @@ from molten.engine.sampler import SampledToken
 from molten.engine.sampling_params import SamplingParams
 from molten.engine.scheduler import QueueFullError, Scheduler, SchedulerOutput
 from molten.engine.sequence import Sequence, SequenceStatus, make_generator
+from molten.engine.spec_decode.proposer import build_drafter, drafting_candidates
+from molten.engine.spec_decode.rejection_sampler import verify_drafts
+from molten.engine.spec_decode.stats import SpecDecodeStats, SpecStepStats
 from molten.tokenization.detokenizer import IncrementalDetokenizer
 from molten.tokenization.stop import StopStringMatcher
 
@@ -132,6 +135,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, spec.kv_block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache)
+        self.drafter = build_drafter(config.speculative, loaded_model, num_blocks, spec.kv_block_size)
+        self.spec_stats = SpecDecodeStats(config.speculative.num_speculative_tokens)
+        """Acceptance totals over every verification this engine ran."""
+        self.last_spec_step: SpecStepStats | None = None
+        """Speculation in the last step that had any; None with speculation off."""
         self.facts = EngineFacts(
             model_id=loaded_model.model_id,
             max_model_len=max_model_len,
@@ -199,6 +207,8 @@ class LLMEngine:
             return False
         for seq in seqs:
             self.scheduler.remove(seq)
+            if self.drafter is not None:
+                self.drafter.release(seq)
             self.prefilled.pop(request_id, None)
             seq.status = SequenceStatus.FINISHED_ABORTED
             self.outputs.pop(seq.seq_id, None)
@@ -211,13 +221,16 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
+        spec_step = self._propose_drafts() if self.drafter is not None else None
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
         self.scheduler.check_invariants(scheduler_output)
         runner_output = self.runner.execute(scheduler_output)
-        events = self._update(scheduler_output, runner_output)
+        events = self._update(scheduler_output, runner_output, spec_step)
         self.last_step = scheduler_output
+        if spec_step is not None:
+            self.last_spec_step = spec_step
         self.num_steps += 1
         if self.config.log_step_stats:
             logger.debug(
@@ -227,12 +240,18 @@ class LLMEngine:
             )
         return events
 
-    def _update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[TokenEvent]:
+    def _update(
+        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput, spec_step: SpecStepStats | None = None
+    ) -> list[TokenEvent]:
         events = []
         batch_size = len(scheduler_output.scheduled)
         now = time.time()
         for item in scheduler_output.scheduled:
             seq = item.seq
+            if item.num_draft_tokens:
+                logits = runner_output.logits[seq.seq_id]
+                events.extend(self._verify(seq, item.num_draft_tokens, logits, now, scheduler_output.step_id, batch_size, spec_step))
+                continue
             computed_before = seq.num_computed_tokens
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.register_full_blocks(seq, computed_before)
@@ -241,6 +260,71 @@ class LLMEngine:
                 continue
             origin = "prefill" if seq.num_output_tokens == 0 else "decode"
             events.append(self._append_token(seq, sampled, now, scheduler_output.step_id, batch_size, origin))
+        return events
+
+    # -- speculative decoding -----------------------------------------------------------
+
+    def _propose_drafts(self) -> SpecStepStats:
+        """Append drafts to the running decode sequences before scheduling (spec_decode/)."""
+        started = time.perf_counter()
+        spec_config = self.config.speculative
+        seqs, limits = drafting_candidates(self.scheduler.running, spec_config.num_speculative_tokens, self.facts.max_model_len)
+        proposals = self.drafter.propose(seqs, limits) if seqs else []
+        for seq, draft_token_ids in zip(seqs, proposals):
+            if draft_token_ids:
+                seq.add_draft_tokens(draft_token_ids, None)
+        return SpecStepStats(
+            step_id=self.scheduler.step_id + 1,
+            method=spec_config.method,
+            num_proposing_seqs=len(seqs),
+            totals=SpecDecodeStats(spec_config.num_speculative_tokens),
+            propose_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _verify(
+        self,
+        seq: Sequence,
+        num_draft_tokens: int,
+        logits: torch.Tensor,
+        now: float,
+        step_id: int,
+        batch_size: int,
+        spec_step: SpecStepStats | None,
+    ) -> list[TokenEvent]:
+        """Accept a prefix of the drafts, emit it plus one recovered or bonus token, roll back the rest.
+
+        Before the step the sequence had n verified tokens with n - 1 computed, and the
+        step computed positions n - 1 .. n - 1 + k. After accepting a drafts, the KV of
+        positions up to n - 1 + a is valid, so `num_computed_tokens` becomes n + a, one
+        less than the new length, as after any decode step. Slots past the new length are
+        released, and blocks are hashed for the prefix cache only up to the accepted
+        tokens.
+        """
+        started = time.perf_counter()
+        draft_probs = seq.draft_probs
+        draft_token_ids = seq.drop_draft_tokens()
+        computed_before = seq.num_computed_tokens
+        verification = verify_drafts(
+            logits, draft_token_ids, draft_probs, seq.token_ids, seq.sampling_params, seq.generator
+        )
+        if seq.spec_stats is None:
+            seq.spec_stats = SpecDecodeStats(self.config.speculative.num_speculative_tokens)
+        num_emitted = len(verification.tokens)
+        for stats in (seq.spec_stats, self.spec_stats, spec_step.totals if spec_step is not None else None):
+            if stats is not None:
+                stats.record(num_draft_tokens, verification.num_accepted, num_emitted)
+
+        events = []
+        for sampled, origin in zip(verification.tokens, verification.origins):
+            events.append(self._append_token(seq, sampled, now, step_id, batch_size, origin))
+            if seq.status.is_finished:
+                break
+        if not seq.status.is_finished:
+            seq.num_computed_tokens = computed_before + verification.num_accepted + 1
+            self.block_manager.trim(seq, seq.num_tokens)
+            self.block_manager.register_full_blocks(seq, computed_before)
+        if spec_step is not None:
+            spec_step.verify_ms += (time.perf_counter() - started) * 1000
         return events
 
     def _append_token(
@@ -283,6 +367,7 @@ class LLMEngine:
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
         )
         if status is not None:
+            event.spec_stats = seq.spec_stats
             self._finish(seq, status)
         elif seq.prefill_only:
             # Keep the blocks for export; the decode worker continues from here.
@@ -294,6 +379,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         seq.status = status
         self.scheduler.remove(seq)
+        if self.drafter is not None:
+            self.drafter.release(seq)
         self.sequences.pop(seq.request_id, None)
         self.outputs.pop(seq.seq_id, None)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from molten.engine.sampling_params import SamplingParams
 from molten.engine.sequence import Sequence
 
 
@@ -54,6 +55,39 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
 
 
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Turn penalised float32 logits [rows, vocab] into the distribution each row samples from.
+
+    Applies temperature, top-k, top-p and min-p; `params` has one entry per row, none greedy.
+    """
+    temperature = torch.tensor([p.temperature for p in params]).unsqueeze(1)
+    # A temperature such as 1e-50 rounds to 0 in float32, and 0 / 0 would be NaN.
+    temperature = temperature.clamp(min=torch.finfo(torch.float32).tiny)
+    # Shift each row so its max is 0 before dividing: softmax is unchanged, and a tiny
+    # temperature can then only push logits toward -inf. Unshifted, finite logits over
+    # a temperature such as 1e-40 overflow to +inf, softmax gives NaN, and multinomial
+    # raises, failing every request in the step.
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    filtered = filter_logits(
+        scaled,
+        top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
+        top_p=torch.tensor([p.top_p for p in params]),
+        min_p=torch.tensor([p.min_p for p in params]),
+    )
+    return filtered.softmax(dim=-1)
+
+
+def sampled_token(token_id: int, params: SamplingParams, raw_logprobs: torch.Tensor | None) -> SampledToken:
+    """Wrap a chosen token with its raw logprob and top alternatives when `params` asks for them."""
+    if not params.logprobs or raw_logprobs is None:
+        return SampledToken(token_id, None, None)
+    top = None
+    if params.top_logprobs:
+        values, ids = raw_logprobs.topk(params.top_logprobs)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return SampledToken(token_id, float(raw_logprobs[token_id]), top)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
     """Pick one token per row. logits: [rows, vocab], any float dtype; rows match `seqs`."""
     # +inf (a model overflowing float16, say) becomes the largest float32, so log-softmax
@@ -67,37 +101,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, dtype=torch.long)
-        temperature = torch.tensor([params[i].temperature for i in sampled_rows]).unsqueeze(1)
-        # A temperature such as 1e-50 rounds to 0 in float32, and 0 / 0 would be NaN.
-        temperature = temperature.clamp(min=torch.finfo(torch.float32).tiny)
-        # Shift each row so its max is 0 before dividing: softmax is unchanged, and a tiny
-        # temperature can then only push logits toward -inf. Unshifted, finite logits over
-        # a temperature such as 1e-40 overflow to +inf, softmax gives NaN, and multinomial
-        # raises, failing every request in the step.
-        scaled = logits[rows]
-        scaled = (scaled - scaled.max(dim=-1, keepdim=True).values) / temperature
-        filtered = filter_logits(
-            scaled,
-            top_k=torch.tensor([params[i].top_k for i in sampled_rows], dtype=torch.long),
-            top_p=torch.tensor([params[i].top_p for i in sampled_rows]),
-            min_p=torch.tensor([params[i].min_p for i in sampled_rows]),
-        )
-        probs = filtered.softmax(dim=-1)
+        probs = sampling_probs(logits[rows], [params[i] for i in sampled_rows])
         for j, row in enumerate(sampled_rows):
             generator = seqs[row].generator
             token_ids[row] = torch.multinomial(probs[j], 1, generator=generator)[0]
 
-    results = []
-    token_list = token_ids.tolist()
-    for row, token_id in enumerate(token_list):
-        p = params[row]
-        if not p.logprobs:
-            results.append(SampledToken(token_id, None, None))
-            continue
-        logprob = float(raw_logprobs[row, token_id])
-        top = None
-        if p.top_logprobs:
-            values, ids = raw_logprobs[row].topk(p.top_logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
-        results.append(SampledToken(token_id, logprob, top))
-    return results
+    return [
+        sampled_token(token_id, params[row], raw_logprobs[row] if raw_logprobs is not None else None)
+        for row, token_id in enumerate(token_ids.tolist())
+    ]

@@ -14,6 +14,13 @@ Per step, under `max_num_batched_tokens`:
 2. Then waiting sequences, in policy order, while token budget, `max_num_seqs` and
    free blocks allow. With chunked prefill a prompt that does not fit the remaining
    budget is split; without it, the prompt waits for a step with room.
+
+Speculative drafts (spec_decode/) are ordinary uncomputed tokens at the end of a running
+sequence, so they count against the token budget and get KV slots like any other. They
+are the first thing given up: when the budget or free blocks run short, drafts are
+dropped before any sequence is preempted, and a sequence that is preempted or not
+scheduled this step loses its drafts. The scheduled tokens of a sequence with drafts
+therefore always end at its last draft, where the verifier needs the logits.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class QueueFullError(RuntimeError):
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
+    num_draft_tokens: int = 0
+    """Drafts among the new tokens (the last ones). The runner returns their k + 1 logits rows unsampled."""
 
 
 @dataclass
@@ -50,7 +59,15 @@ class SchedulerOutput:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(item.num_new_tokens for item in self.scheduled if item.num_new_tokens > 1 or item.seq.is_prefill)
+        return sum(
+            item.num_new_tokens
+            for item in self.scheduled
+            if item.num_new_tokens - item.num_draft_tokens > 1 or item.seq.is_prefill
+        )
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(item.num_draft_tokens for item in self.scheduled)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -101,6 +118,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         logger.debug("preempting seq %s of request %s", seq.seq_id, seq.request_id)
         self.running.remove(seq)
+        seq.drop_draft_tokens()
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -117,7 +135,14 @@ class Scheduler:
         self._schedule_running(output, budget)
         budget -= output.num_batched_tokens
         self._schedule_waiting(output, budget)
+        self._drop_unscheduled_drafts(output)
         return output
+
+    def _drop_unscheduled_drafts(self, output: SchedulerOutput) -> None:
+        scheduled_ids = {item.seq.seq_id for item in output.scheduled}
+        for seq in self.running:
+            if seq.num_draft_tokens and seq.seq_id not in scheduled_ids:
+                seq.drop_draft_tokens()
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> None:
         if self.config.policy == "priority":
@@ -125,8 +150,12 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = self._fit_drafts(seq, budget)
             while not self.block_manager.allocate_slots(seq, num_new):
+                if seq.num_draft_tokens:
+                    seq.drop_draft_tokens()
+                    num_new = min(seq.num_uncomputed_tokens, budget)
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 output.preempted.append(victim)
@@ -134,9 +163,17 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            output.scheduled.append(ScheduledSequence(seq, num_new))
+            output.scheduled.append(ScheduledSequence(seq, num_new, seq.num_draft_tokens))
             budget -= num_new
             index += 1
+
+    def _fit_drafts(self, seq: Sequence, budget: int) -> int:
+        """Drop the drafts that do not fit `budget`, so the scheduled tokens end at the last draft."""
+        num_new = min(seq.num_uncomputed_tokens, budget)
+        if seq.num_draft_tokens and num_new < seq.num_uncomputed_tokens:
+            seq.drop_draft_tokens(seq.num_uncomputed_tokens - num_new)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+        return num_new
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from molten.engine.sampling_params import SamplingParams
+from molten.engine.spec_decode.stats import SpecDecodeStats
 
 
 class SequenceStatus(enum.IntEnum):
@@ -45,7 +46,7 @@ _seq_ids = itertools.count()
 class Sequence:
     request_id: str
     token_ids: list[int]
-    """Prompt tokens followed by generated tokens."""
+    """Prompt tokens followed by generated tokens, then `num_draft_tokens` unverified drafts."""
     num_prompt_tokens: int
     sampling_params: SamplingParams
     arrival_time: float = field(default_factory=time.time)
@@ -65,6 +66,13 @@ class Sequence:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0
+    num_draft_tokens: int = 0
+    """Speculative drafts at the end of `token_ids`, present only between proposal and verification."""
+    draft_probs: torch.Tensor | None = None
+    """[num_draft_tokens, vocab] draft-model probabilities of the drafts; None means each
+    draft was chosen deterministically (n-gram or greedy draft), a one-hot distribution."""
+    spec_stats: SpecDecodeStats | None = None
+    """Acceptance statistics, set once the sequence has verified drafts."""
 
     @property
     def num_tokens(self) -> int:
@@ -87,9 +95,34 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
+    def num_verified_tokens(self) -> int:
+        """Tokens excluding unverified drafts."""
+        return len(self.token_ids) - self.num_draft_tokens
+
+    @property
     def is_prefill(self) -> bool:
         """True while prompt tokens are still uncomputed (including recompute after preemption)."""
-        return self.num_computed_tokens < self.num_tokens - 1
+        return self.num_computed_tokens < self.num_verified_tokens - 1
+
+    def add_draft_tokens(self, token_ids: list[int], probs: torch.Tensor | None) -> None:
+        """Append drafts to verify in the next step. Raises if the sequence already carries some."""
+        if self.num_draft_tokens:
+            raise RuntimeError(f"seq {self.seq_id} already carries {self.num_draft_tokens} draft tokens")
+        self.token_ids.extend(token_ids)
+        self.num_draft_tokens = len(token_ids)
+        self.draft_probs = probs
+
+    def drop_draft_tokens(self, count: int | None = None) -> list[int]:
+        """Remove the last `count` drafts (all when None) and return them."""
+        count = self.num_draft_tokens if count is None else min(count, self.num_draft_tokens)
+        if count == 0:
+            return []
+        dropped = self.token_ids[-count:]
+        del self.token_ids[-count:]
+        self.num_draft_tokens -= count
+        if self.draft_probs is not None:
+            self.draft_probs = self.draft_probs[: self.num_draft_tokens] if self.num_draft_tokens else None
+        return dropped
 
     def num_blocks_for(self, num_tokens: int, kv_block_size: int) -> int:
         return (num_tokens + kv_block_size - 1) // kv_block_size
