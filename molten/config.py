@@ -67,6 +67,50 @@ class SchedulerConfig:
             raise ConfigError("policy", f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
 
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: propose draft tokens cheaply, verify them in one target step."""
+
+    method: str = "none"
+    """`none` (off), `ngram` (prompt lookup: copy what followed an earlier match of the
+    last tokens) or `draft` (a smaller draft model, or the target's own first layers)."""
+    num_speculative_tokens: int = 4
+    """Draft tokens proposed per sequence per step (k). Each step emits 1 to k + 1 tokens."""
+    ngram_min: int = 1
+    """Shortest suffix (in tokens) the n-gram drafter tries to match in the context."""
+    ngram_max: int = 4
+    """Longest suffix (in tokens) the n-gram drafter tries first."""
+    draft_model: str | None = None
+    """Draft model id for `method="draft"` (for example `smollm2-135m-instruct:int4`). It
+    must share the target's tokenizer. None uses a self-draft of the target's first layers."""
+    draft_num_layers: int = 4
+    """Decoder layers of the target that the self-draft runs (used when `draft_model` is None)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def validate(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(
+                "method", f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}"
+            )
+        if isinstance(self.num_speculative_tokens, bool) or not 1 <= self.num_speculative_tokens <= 16:
+            raise ConfigError(
+                "num_speculative_tokens",
+                f"num_speculative_tokens must be an integer in [1, 16], got {self.num_speculative_tokens!r}",
+            )
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(
+                "ngram_min", f"need 1 <= ngram_min <= ngram_max, got ngram_min={self.ngram_min}, ngram_max={self.ngram_max}"
+            )
+        if self.draft_num_layers < 1:
+            raise ConfigError("draft_num_layers", f"draft_num_layers must be at least 1, got {self.draft_num_layers}")
+
+
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
@@ -79,6 +123,7 @@ class EngineConfig:
     """Torch intra-op threads for this engine's process; None leaves torch's default."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     log_step_stats: bool = False
     """Log one debug line per engine step."""
 
@@ -90,6 +135,7 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads", "num_threads must be at least 1")
         self.cache.validate()
+        self.speculative.validate()
 
 
 @dataclass(frozen=True)
