@@ -2,13 +2,16 @@
 
 `build_playground` returns the Blocks, and `launch_playground` serves them on 127.0.0.1 only.
 The Chat tab streams TokenEvents from the ingress deployment handle (see `molten.ui.chat`)
-and shows, while the reply streams, TTFT, token rates, token counts, the KV handoff and
-a plot of inter-token latency.
+and shows, while the reply streams, TTFT, token rates, token counts, the KV handoff, the
+per-token timeline and a plot of inter-token latency. Below the chat, the live engine views
+(`molten.ui.live_panel`) poll the same handle on a timer: telemetry, KV cache, scheduler
+trace and roofline. The Server tab shows the settings and how to open the Ray dashboard.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -28,7 +31,11 @@ from molten.ui.chat import (  # noqa: E402
     parse_stop_strings,
     summarize_exception,
 )
+from molten.ui.live_panel import LivePanel  # noqa: E402
 from molten.ui.stats import ReplyStats, format_stats_markdown  # noqa: E402
+from molten.ui.timeline_view import token_timeline_frame  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 PLAYGROUND_HOST = "127.0.0.1"
 
@@ -87,7 +94,36 @@ def _header_markdown(settings_info: Mapping[str, Any]) -> str:
     lines = [f"# Molten playground\nModel **`{model}`**, **{mode}** mode."]
     if settings_info.get("api_base"):
         lines.append(f"OpenAI-compatible API: `{settings_info['api_base']}`.")
+    if settings_info.get("ray_dashboard"):
+        lines.append(f"[Ray dashboard]({settings_info['ray_dashboard']}) (see the Server tab for its token).")
     return " ".join(lines)
+
+
+def format_dashboard_markdown(dashboard_url: str | None, access_lines: list[str]) -> str:
+    """Explain where the Ray dashboard is and how to authenticate, without ever showing the token."""
+    if not dashboard_url:
+        return "### Ray dashboard\nThis server did not report a dashboard URL."
+    return "\n".join([
+        "### Ray dashboard",
+        f"Open [{dashboard_url}]({dashboard_url}) to see the actors (`molten:prefill:<model>`, "
+        "`molten:decode:<model>`, `molten:ingress`), their logs, CPU and memory.",
+        "",
+        " ".join(access_lines),
+    ])
+
+
+def dashboard_access_lines() -> list[str]:
+    """Return `molten serve`'s explanation of the dashboard's token authentication, or a generic one."""
+    try:
+        from molten.cli_serve import dashboard_access_lines as serve_access_lines
+
+        return serve_access_lines()
+    except Exception as exc:  # the explanation only decorates the Server tab
+        logger.warning("could not read Ray's authentication mode: %s", exc)
+        return [
+            "If the dashboard asks for a token, print it with `ray get-auth-token` "
+            "(Ray stores it in ~/.ray/auth_token) and paste it into the dashboard's dialog."
+        ]
 
 
 class ChatController:
@@ -105,7 +141,7 @@ class ChatController:
         return self._handle
 
     def render(self, history: list[dict], update: TurnUpdate, pending_message: str = ""):
-        """Return the Chat tab's outputs: chatbot, message box, stats, ITL plot, error notice."""
+        """Return the Chat tab's outputs: chatbot, message box, stats, ITL plot, error notice, token timeline."""
         if update.error is None:
             error = gr.Markdown(visible=False)
         else:
@@ -117,6 +153,7 @@ class ChatController:
             format_stats_markdown(update.stats, self.mode),
             itl_dataframe(update.stats),
             error,
+            token_timeline_frame(update.stats),
         )
 
     async def respond(
@@ -201,6 +238,19 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
                         clear_button = gr.Button("Clear")
                 with gr.Column(scale=2):
                     stats_box = gr.Markdown(format_stats_markdown(ReplyStats(), controller.mode))
+                    timeline_plot = gr.ScatterPlot(
+                        token_timeline_frame(ReplyStats()),
+                        x="time_ms",
+                        y="token",
+                        color="origin_batch",
+                        title="Token timeline: each token at its time since the request arrived",
+                        x_title="ms since the request arrived",
+                        y_title="token index",
+                        color_title="origin, batch size",
+                        tooltip=["token", "text", "time_ms", "gap_ms", "origin", "batch_size", "step_id"],
+                        height=260,
+                        elem_id="molten-token-timeline",
+                    )
                     itl_plot = gr.LinePlot(
                         itl_dataframe(ReplyStats()),
                         x="token",
@@ -209,8 +259,12 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
                         y_title="ms since previous token",
                         title="Inter-token latency (ms since the previous token, by token index)",
                         height=260,
+                        elem_id="molten-itl",
                     )
-                    gr.Markdown("In disaggregated mode, token 1's latency includes the KV handoff.")
+                    gr.Markdown(
+                        "In disaggregated mode, token 1's latency includes the KV handoff. Hover a mark for its "
+                        "text, engine step and the batch size of that step."
+                    )
             with gr.Accordion("Decoding controls", open=True):
                 system_prompt = gr.Textbox(label="System prompt (optional)", lines=1)
                 with gr.Row():
@@ -225,8 +279,10 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
                     stop_text = gr.Textbox(
                         label="stop strings, one per line (\\n = newline)", lines=2, max_lines=4
                     )
+            LivePanel(controller.handle)
 
         with gr.Tab("Server"):
+            gr.Markdown(format_dashboard_markdown(settings_info.get("ray_dashboard"), dashboard_access_lines()))
             gr.Markdown("Settings this server was started with.")
             gr.JSON(json.loads(json.dumps(dict(settings_info), default=str)))
 
@@ -243,7 +299,7 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
             seed,
             stop_text,
         ]
-        outputs = [chatbot, message_box, stats_box, itl_plot, error_box]
+        outputs = [chatbot, message_box, stats_box, itl_plot, error_box, timeline_plot]
         submit_event = message_box.submit(
             controller.respond, inputs, outputs, concurrency_limit=CHAT_CONCURRENCY_LIMIT
         )
@@ -253,7 +309,7 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
         stop_button.click(None, None, None, cancels=[submit_event, click_event])
         clear_button.click(
             lambda: ([], "", format_stats_markdown(ReplyStats(), controller.mode), itl_dataframe(ReplyStats()),
-                     gr.Markdown(visible=False)),
+                     gr.Markdown(visible=False), token_timeline_frame(ReplyStats())),
             None,
             outputs,
             cancels=[submit_event, click_event],

@@ -21,6 +21,12 @@ class ReplyStats:
     token_times_ms: list[float] = field(default_factory=list)
     """time_since_arrival_ms of each generated token, in arrival order."""
     origins: list[str] = field(default_factory=list)
+    step_ids: list[int] = field(default_factory=list)
+    """Engine step that produced each generated token, in arrival order."""
+    batch_sizes: list[int] = field(default_factory=list)
+    """Number of sequences in the step that produced each token."""
+    token_texts: list[str] = field(default_factory=list)
+    """Text delta of each token, which may be empty (see `TokenEvent.text`)."""
     handoff: HandoffStats | None = None
     finish_reason: str | None = None
 
@@ -30,6 +36,9 @@ class ReplyStats:
             self.num_cached_prompt_tokens = event.num_cached_prompt_tokens
         self.token_times_ms.append(event.time_since_arrival_ms)
         self.origins.append(event.origin)
+        self.step_ids.append(event.step_id)
+        self.batch_sizes.append(event.batch_size)
+        self.token_texts.append(event.text)
         if event.handoff is not None:
             self.handoff = event.handoff
         if event.finish_reason is not None:
@@ -78,7 +87,9 @@ def format_bytes(num_bytes: int) -> str:
         return f"{num_bytes} B"
     if num_bytes < 1024 * 1024:
         return f"{num_bytes / 1024:.1f} KiB"
-    return f"{num_bytes / (1024 * 1024):.1f} MiB"
+    if num_bytes < 1024**3:
+        return f"{num_bytes / (1024 * 1024):.1f} MiB"
+    return f"{num_bytes / 1024**3:.1f} GiB"
 
 
 def _ms(value: float | None) -> str:

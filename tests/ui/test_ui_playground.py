@@ -47,7 +47,7 @@ def test_empty_message_shows_notice():
     controller = ChatController(lambda: pytest.fail("no request may be sent"), "m", "colocated")
     outputs = collect(controller.respond(*respond_args("   ")))
     assert len(outputs) == 1
-    history, message_box, _, _, error_box = outputs[0]
+    history, message_box, _, _, error_box, _ = outputs[0]
     assert history == []
     assert message_box == "   "
     assert error_box.visible is True
@@ -60,7 +60,7 @@ def test_unavailable_ingress_shows_error():
 
     controller = ChatController(missing_handle, "m", "colocated")
     outputs = collect(controller.respond(*respond_args("Hello")))
-    history, message_box, _, _, error_box = outputs[-1]
+    history, message_box, _, _, error_box, _ = outputs[-1]
     assert history == []
     assert message_box == "Hello", "the unsent message goes back into the message box"
     assert error_box.visible is True

@@ -109,7 +109,7 @@ def test_playground_renders_server_error(serve_app):
     _, handle = serve_app
     controller = ChatController(lambda: handle, MODEL, "disaggregated")
     outputs = collect(controller.respond(*respond_args("Hi", temperature=5.0)))
-    history, message_box, _, _, error_box = outputs[-1]
+    history, message_box, _, _, error_box, _ = outputs[-1]
     assert error_box.visible is True
     assert "temperature must be a number in [0, 2]" in error_box.value
     assert "field `temperature`" in error_box.value
@@ -122,7 +122,7 @@ def test_playground_streams_reply(serve_app):
     controller = ChatController(lambda: handle, MODEL, "disaggregated")
     outputs = collect(controller.respond(*respond_args("Hi", max_tokens=16)))
     assert len(outputs) >= 2
-    history, message_box, stats_markdown, plot_frame, error_box = outputs[-1]
+    history, message_box, stats_markdown, plot_frame, error_box, timeline_frame = outputs[-1]
     assert error_box.visible is False
     assert message_box == ""
     assert [message["role"] for message in history] == ["user", "assistant"]

@@ -96,7 +96,8 @@ def test_stats_markdown_lists_figures():
 
 @pytest.mark.parametrize(
     ("num_bytes", "expected"),
-    [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (49_152, "48.0 KiB"), (3 * 1024 * 1024, "3.0 MiB")],
+    [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (49_152, "48.0 KiB"), (3 * 1024 * 1024, "3.0 MiB"),
+     (5 * 1024**3 // 2, "2.5 GiB")],
 )
 def test_format_bytes_units(num_bytes, expected):
     assert format_bytes(num_bytes) == expected

@@ -1,0 +1,195 @@
+"""Scheduler trace and roofline of the playground, from the engine steps the ingress reports.
+
+The input follows `MoltenIngress.steps()`: `{"peaks": {...}, "workers": {role: [step, ...]}}`.
+Each step records when it ran (`time`, unix seconds) and how long (`duration_ms`). It also
+records what it computed (prefill chunks per request, the decode batch, preemptions) and
+what that cost (`flops`, bytes of weights and KV read, the achieved rates). This module has
+no Gradio import. The roofline is a matplotlib figure built without pyplot, so no GUI
+backend and no global figure state are involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+TRACE_COLUMNS = ("seconds", "tokens", "part", "worker", "step_id", "batch_size", "duration_ms", "ran")
+
+STEP_TABLE_COLUMNS = (
+    "worker",
+    "step",
+    "seconds ago",
+    "duration (ms)",
+    "batch size",
+    "prefill chunks (request: tokens)",
+    "decode batch (requests)",
+    "preempted",
+    "GB/s",
+    "GFLOP/s",
+)
+
+ROOFLINE_COLORS = {"prefill": "#f28e2b", "decode": "#4e79a7", "colocated": "#59a14f"}
+
+
+def describe_step(step: Mapping[str, Any]) -> str:
+    """Summarize what one step ran, e.g. `prefill chat-1: 64; decode 3 requests; 1 preempted`."""
+    parts = []
+    chunks = step.get("prefill_chunks") or []
+    if chunks:
+        parts.append("prefill " + ", ".join(f"{chunk['request_id']}: {chunk['num_tokens']}" for chunk in chunks))
+    decode_ids = step.get("decode_request_ids") or []
+    if decode_ids:
+        parts.append(f"decode {len(decode_ids)} request{'s' if len(decode_ids) != 1 else ''}")
+    preempted = int(step.get("num_preemptions") or 0)
+    if preempted:
+        parts.append(f"{preempted} preempted")
+    return "; ".join(parts) or "nothing scheduled"
+
+
+def trace_frame(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now: float) -> pd.DataFrame:
+    """Build the scheduler trace: per step, one row for its prefill tokens and one for its decode tokens.
+
+    x (`seconds`) is the step's time relative to `now` (unix seconds), so steps of every
+    worker share one clock. `part` names the worker and the kind of tokens, the plot's color.
+    A step that only preempted still gets a row (0 tokens), so its preemption shows in the tooltip.
+    """
+    rows = []
+    for worker, steps in steps_by_worker.items():
+        for step in steps:
+            seconds = round(float(step["time"]) - now, 3)
+            common = (worker, int(step["step_id"]), int(step.get("batch_size") or 0),
+                      round(float(step.get("duration_ms") or 0.0), 2), describe_step(step))
+            num_prefill = int(step.get("num_prefill_tokens") or 0)
+            num_decode = int(step.get("num_decode_tokens") or 0)
+            if num_prefill or not num_decode:
+                rows.append((seconds, num_prefill, f"{worker}: prefill tokens", *common))
+            if num_decode:
+                rows.append((seconds, num_decode, f"{worker}: decode tokens", *common))
+    frame = pd.DataFrame(rows, columns=list(TRACE_COLUMNS))
+    return frame.astype({
+        "seconds": "float64", "tokens": "int64", "part": "string", "worker": "string", "step_id": "int64",
+        "batch_size": "int64", "duration_ms": "float64", "ran": "string",
+    })
+
+
+def _rate(value: Any, scale: float) -> float | None:
+    return None if value is None else round(float(value) / scale, 2)
+
+
+def steps_table(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now: float, limit: int = 12) -> pd.DataFrame:
+    """List the `limit` most recent steps of all workers, newest first, with what each ran and its achieved rates."""
+    rows = []
+    for worker, steps in steps_by_worker.items():
+        for step in steps:
+            chunks = step.get("prefill_chunks") or []
+            decode_ids = step.get("decode_request_ids") or []
+            rows.append((
+                worker,
+                int(step["step_id"]),
+                round(now - float(step["time"]), 2),
+                round(float(step.get("duration_ms") or 0.0), 2),
+                int(step.get("batch_size") or 0),
+                ", ".join(f"{chunk['request_id']}: {chunk['num_tokens']}" for chunk in chunks),
+                f"{len(decode_ids)}: {', '.join(decode_ids)}" if decode_ids else "",
+                int(step.get("num_preemptions") or 0),
+                _rate(step.get("achieved_bandwidth_bytes_per_s"), 1e9),
+                _rate(step.get("achieved_flops_per_s"), 1e9),
+            ))
+    rows.sort(key=lambda row: row[2])
+    return pd.DataFrame(rows[:limit], columns=list(STEP_TABLE_COLUMNS))
+
+
+def step_intensity(step: Mapping[str, Any]) -> tuple[float, float] | None:
+    """Return (FLOP per byte read, achieved FLOP/s) of a step, or None when it did no measured work.
+
+    Bytes read are the weights plus the KV cache the step's attention read.
+    """
+    flops = float(step.get("flops") or 0.0)
+    bytes_read = float(step.get("weight_bytes") or 0) + float(step.get("kv_bytes_read") or 0)
+    achieved = step.get("achieved_flops_per_s")
+    if achieved is None and step.get("duration_ms"):
+        achieved = flops / (float(step["duration_ms"]) / 1000.0)
+    if flops <= 0 or bytes_read <= 0 or not achieved:
+        return None
+    return flops / bytes_read, float(achieved)
+
+
+def _step_kind(step: Mapping[str, Any]) -> str:
+    return "prefill" if int(step.get("num_prefill_tokens") or 0) else "decode"
+
+
+def roofline_figure(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], peaks: Mapping[str, Any] | None) -> Figure:
+    """Draw the roofline (log-log): each step at (FLOP per byte, achieved FLOP/s) under the machine's two ceilings.
+
+    The memory roof is `intensity × peak bandwidth` and the compute roof is the peak FLOP
+    rate. The two meet at the ridge point. A step left of the ridge is bound by memory
+    bandwidth (decode steps, which read every weight for a few tokens), right of it by compute.
+    """
+    figure = Figure(figsize=(6.4, 3.6), dpi=90, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("arithmetic intensity (FLOP per byte of weights and KV read)")
+    axes.set_ylabel("achieved GFLOP/s")
+    axes.grid(True, which="both", alpha=0.25)
+
+    intensities = []
+    for worker, steps in steps_by_worker.items():
+        by_kind: dict[str, list[tuple[float, float]]] = {}
+        for step in steps:
+            point = step_intensity(step)
+            if point is not None:
+                by_kind.setdefault(_step_kind(step), []).append(point)
+        for kind, points in sorted(by_kind.items()):
+            intensities += [x for x, _ in points]
+            axes.scatter(
+                [x for x, _ in points], [y / 1e9 for _, y in points], s=14, alpha=0.7,
+                marker="o" if kind == "decode" else "^", color=ROOFLINE_COLORS.get(worker, "#9c755f"),
+                label=f"{worker} worker, {kind} steps ({len(points)})",
+            )
+
+    bandwidth = float((peaks or {}).get("bandwidth_bytes_per_s") or 0.0)
+    peak_flops = float((peaks or {}).get("flops_per_s") or 0.0)
+    if bandwidth > 0 and peak_flops > 0:
+        ridge = peak_flops / bandwidth
+        low = min([ridge / 100.0, *intensities])
+        high = max([ridge * 10.0, *intensities])
+        xs = [low, ridge, high]
+        axes.plot(xs, [min(peak_flops, x * bandwidth) / 1e9 for x in xs], color="black", linewidth=1.5,
+                  label=f"roof: {bandwidth / 1e9:.1f} GB/s, {peak_flops / 1e9:.0f} GFLOP/s")
+        axes.axvline(ridge, color="black", linestyle=":", linewidth=1)
+        axes.annotate(f"ridge {ridge:.1f} FLOP/B", (ridge, peak_flops / 1e9), textcoords="offset points",
+                      xytext=(4, -12), fontsize=8)
+        source = (peaks or {}).get("source")
+        axes.set_title(f"Roofline (peaks: {source or 'unknown source'})", fontsize=10)
+    else:
+        axes.set_title("Roofline (machine peaks not measured yet)", fontsize=10)
+    if intensities or (bandwidth > 0 and peak_flops > 0):
+        axes.legend(fontsize=7, loc="lower right")
+    else:
+        axes.text(0.5, 0.5, "no engine steps yet", transform=axes.transAxes, ha="center", va="center")
+    return figure
+
+
+def roofline_summary_markdown(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], peaks: Mapping[str, Any] | None) -> str:
+    """State each worker's newest step as a fraction of the peaks, the number a reader compares with the plot."""
+    bandwidth = float((peaks or {}).get("bandwidth_bytes_per_s") or 0.0)
+    peak_flops = float((peaks or {}).get("flops_per_s") or 0.0)
+    lines = []
+    for worker, steps in steps_by_worker.items():
+        measured = [step for step in steps if step_intensity(step) is not None]
+        if not measured:
+            continue
+        step = measured[-1]
+        achieved_bandwidth = float(step.get("achieved_bandwidth_bytes_per_s") or 0.0)
+        achieved_flops = float(step.get("achieved_flops_per_s") or 0.0)
+        text = (f"**{worker}** step {step['step_id']} ({_step_kind(step)}, batch {step.get('batch_size')}): "
+                f"{achieved_bandwidth / 1e9:.2f} GB/s, {achieved_flops / 1e9:.2f} GFLOP/s")
+        if bandwidth > 0 and peak_flops > 0:
+            text += (f", that is {100.0 * achieved_bandwidth / bandwidth:.0f}% of peak bandwidth and "
+                     f"{100.0 * achieved_flops / peak_flops:.0f}% of peak FLOP/s")
+        lines.append(text + ".")
+    return "\n\n".join(lines) or "No measured engine steps yet."
