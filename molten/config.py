@@ -126,6 +126,8 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     log_step_stats: bool = False
     """Log one debug line per engine step."""
+    step_history: int = 1024
+    """Engine steps whose cost records (tokens, time, bytes, FLOPs) are kept for the step trace; 0 keeps none."""
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -134,6 +136,8 @@ class EngineConfig:
             raise ConfigError("max_model_len", "max_model_len must be at least 2")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads", "num_threads must be at least 1")
+        if self.step_history < 0:
+            raise ConfigError("step_history", f"step_history must be 0 (off) or more, got {self.step_history}")
         self.cache.validate()
         self.speculative.validate()
 

@@ -31,6 +31,7 @@ from molten.engine.sequence import Sequence, SequenceStatus, make_generator
 from molten.engine.spec_decode.proposer import build_drafter, drafting_candidates
 from molten.engine.spec_decode.rejection_sampler import verify_drafts
 from molten.engine.spec_decode.stats import SpecDecodeStats, SpecStepStats
+from molten.engine.step_stats import StepCostModel, StepStatsRecorder
 from molten.tokenization.detokenizer import IncrementalDetokenizer
 from molten.tokenization.stop import StopStringMatcher
 
@@ -157,6 +158,7 @@ class LLMEngine:
         self.prefilled: dict[str, Sequence] = {}
         self.last_step: SchedulerOutput | None = None
         self.num_steps = 0
+        self.step_stats = StepStatsRecorder(StepCostModel.from_model(self.model, spec.bytes_per_token), config.step_history)
         logger.info(
             "engine ready: model=%s max_model_len=%d kv_blocks=%d x %d tokens (%.1f MiB)",
             self.facts.model_id, max_model_len, num_blocks, spec.kv_block_size, self.kv_cache.num_bytes / 2**20,
@@ -221,13 +223,16 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
+        started = time.perf_counter()
         spec_step = self._propose_drafts() if self.drafter is not None else None
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
         self.scheduler.check_invariants(scheduler_output)
+        pending_stats = self.step_stats.begin(scheduler_output, started)
         runner_output = self.runner.execute(scheduler_output)
         events = self._update(scheduler_output, runner_output, spec_step)
+        self.step_stats.finish(pending_stats, runner_output.forward_ms)
         self.last_step = scheduler_output
         if spec_step is not None:
             self.last_spec_step = spec_step
