@@ -7,10 +7,15 @@ A spec is one of, checked in this order:
 2. a path to a local directory containing `config.json` (as written by `save_pretrained`);
 3. a path to a `.gguf` file, converted once into a cache directory like the bundled model;
 4. a Hugging Face Hub model id such as `HuggingFaceTB/SmolLM2-360M-Instruct`.
+
+Any of them may end in `:<precision>` (fp32, bf16, fp16, int8, int4), for example
+`smollm2-135m-instruct:int8`; without a suffix the model loads in fp32. int8 and int4
+quantize the float32 weights at load time (molten.quant), so no extra files are stored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import re
@@ -29,7 +34,7 @@ from transformers import (
 
 from molten.models import hub
 from molten.models.bundled import SMOLLM2_135M_INSTRUCT, ensure_bundled_cache, find_bundled_gguf
-from molten.models.errors import BundledModelError, ModelLoadError, ModelNotFoundError
+from molten.models.errors import BundledModelError, ModelLoadError, ModelNotFoundError, PrecisionError
 from molten.models.gguf_cache import (
     CACHE_MARKER_NAME,
     ProgressFn,
@@ -41,6 +46,7 @@ from molten.models.gguf_cache import (
     sha256_of_file,
 )
 from molten.models.paths import models_cache_root
+from molten.models.precision import FLOAT_DTYPES, QUANTIZED_PRECISIONS, check_precision_supported, split_precision
 from molten.models.tiny import TINY_MODELS, build_tiny_model, count_tiny_parameters
 
 logger = logging.getLogger(__name__)
@@ -74,6 +80,9 @@ class ModelSource:
     hub_cached: bool = False
     """For hub models: whether config.json is already in the local Hugging Face cache,
     in which case loading never touches the network."""
+    precision: str | None = None
+    """Precision named by the spec's `:<precision>` suffix; None when the spec had none,
+    in which case `load_model`'s `dtype` applies."""
 
     def __str__(self) -> str:
         return self.description
@@ -93,8 +102,11 @@ class LoadedModel:
     max_model_len: int
     """Context window in tokens: prompt plus generated tokens."""
     dtype: torch.dtype
+    """Dtype of the float parts and activations (float32 for int8 and int4 models)."""
     source: ModelSource
     load_seconds: float
+    precision: str = "fp32"
+    """fp32, bf16, fp16, int8 or int4: how the weights are stored."""
 
     @property
     def num_parameters(self) -> int:
@@ -102,10 +114,11 @@ class LoadedModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of all parameters in memory. Buffers such as RoPE tables are left out."""
-        return sum(
-            parameter.numel() * parameter.element_size() for parameter in self.model.parameters()
-        )
+        """Bytes of all weights in memory, the integer weights and scales of int8 and int4
+        layers included. Other buffers such as RoPE tables are left out."""
+        from molten.quant.quantize import weight_bytes
+
+        return weight_bytes(self.model)
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,10 @@ def resolve_model(spec: str = DEFAULT_MODEL, *, hub_timeout_s: float = hub.DEFAU
     spec = spec.strip()
     if not spec:
         raise ModelNotFoundError(f"The model name is empty. Use {_other_choices()}")
+    # A local path may itself contain a colon, so an existing path is never split.
+    if ":" in spec and not Path(spec).expanduser().exists():
+        base_spec, precision = split_precision(spec)
+        return _with_precision(resolve_model(base_spec, hub_timeout_s=hub_timeout_s), precision)
 
     catalog_source = _resolve_catalog_name(spec)
     if catalog_source is not None:
@@ -170,11 +187,16 @@ def load_model(
     `progress` receives one line per stage (verifying, parsing GGUF, converting, saving,
     loading). `attn_implementation` is passed to transformers ("eager", "sdpa", or a
     registered custom function); None keeps transformers' default.
-    Raises ModelNotFoundError, BundledModelError or ModelLoadError, all ModelError.
+    A `:<precision>` suffix on `spec` sets the dtype (bf16, fp16) or quantizes the
+    float32 weights (int8, int4); `dtype` must then be float32 or agree with it.
+    Raises ModelNotFoundError, BundledModelError, ModelLoadError or PrecisionError, all
+    ModelError.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
+    precision, dtype = _precision_and_dtype(source, dtype)
+    check_precision_supported(precision, device, model_id=source.model_id)
     started = time.perf_counter()
     report(progress, f"Loading {source.model_id} ({source.description})")
 
@@ -188,6 +210,11 @@ def load_model(
             source, location, dtype, attn_implementation, local_files_only
         )
     tokenizer = _load_tokenizer(source, location, local_files_only)
+    if precision in QUANTIZED_PRECISIONS:
+        from molten.quant.quantize import quantize_model
+
+        report(progress, f"Quantizing the float32 weights to {precision}")
+        quantize_model(model, precision)
 
     model.to(device)
     model.eval()
@@ -202,12 +229,12 @@ def load_model(
         dtype=dtype,
         source=source,
         load_seconds=time.perf_counter() - started,
+        precision=precision,
     )
     report(
         progress,
-        f"Loaded {loaded.model_id}: {loaded.num_parameters / 1e6:.1f}M parameters, "
-        f"{str(dtype).removeprefix('torch.')}, context {loaded.max_model_len} tokens, "
-        f"in {loaded.load_seconds:.1f} s",
+        f"Loaded {loaded.model_id}: {precision} weights, {loaded.weight_bytes / 1e6:.1f} MB, "
+        f"context {loaded.max_model_len} tokens, in {loaded.load_seconds:.1f} s",
     )
     return loaded
 
@@ -300,6 +327,31 @@ def _resolve_hub_id(repo_id: str, timeout_s: float) -> ModelSource:
         description=f"Hugging Face model {repo_id}" + (" (cached)" if cached else ""),
         hub_cached=cached,
     )
+
+
+def _with_precision(source: ModelSource, precision: str) -> ModelSource:
+    """Return `source` marked with `precision`; fp32 keeps the plain model id because it is the default."""
+    model_id = source.model_id if precision == "fp32" else f"{source.model_id}:{precision}"
+    return dataclasses.replace(
+        source,
+        model_id=model_id,
+        description=f"{source.description}, {precision} weights",
+        precision=precision,
+    )
+
+
+def _precision_and_dtype(source: ModelSource, dtype: torch.dtype) -> tuple[str, torch.dtype]:
+    """Return the precision to load and the dtype of the model's float parts."""
+    if source.precision is None:
+        names = {value: name for name, value in FLOAT_DTYPES.items()}
+        return names.get(dtype, str(dtype).removeprefix("torch.")), dtype
+    wanted = FLOAT_DTYPES.get(source.precision, torch.float32)
+    if dtype not in (torch.float32, wanted):
+        raise PrecisionError(
+            f"Model {source.model_id!r} asks for precision {source.precision}, which conflicts "
+            f"with dtype {str(dtype).removeprefix('torch.')}. Drop the suffix or set dtype to float32."
+        )
+    return source.precision, wanted
 
 
 def _other_choices() -> str:

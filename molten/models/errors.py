@@ -24,3 +24,10 @@ class BundledModelError(ModelError):
 class ModelLoadError(ModelError):
     """The model was found, but transformers failed to read its config, weights or
     tokenizer."""
+
+
+class PrecisionError(ModelError, ValueError):
+    """The `:<precision>` suffix of a model id is invalid, or the device cannot run that
+    precision. `field` names the setting to change."""
+
+    field = "precision"
