@@ -129,3 +129,95 @@ async def _cancel_on_exit(source) -> AsyncIterator[TokenEvent]:
     finally:
         if not finished:
             source.cancel()
+
+
+MIN_COMPARE_MODELS = 2
+MAX_COMPARE_MODELS = 4
+
+
+def _compare_error(message: str, param: str = "models") -> dict:
+    return {
+        "type": "error",
+        "index": None,
+        "error": {"status": 400, "message": message, "type": "invalid_request_error", "param": param},
+    }
+
+
+async def compare_streams(stream_events, body: dict) -> AsyncIterator[dict]:
+    """Send one prompt to 2-4 models at once and yield their items merged in arrival order.
+
+    `stream_events(kind, body)` is the ingress's per-request event stream. Items are
+    {"type": "start" | "token" | "error" | "done", "index", "model", ...}; a "done" item
+    carries the model's text and timings measured here: time to first token, end to end,
+    and decode tokens per second. A body that is invalid as a whole yields one "error"
+    item whose index is None.
+    """
+    models = body.get("models") if isinstance(body, dict) else None
+    if not isinstance(models, list) or not all(isinstance(model, str) and model for model in models):
+        yield _compare_error("models must be a list of model ids")
+        return
+    if not MIN_COMPARE_MODELS <= len(models) <= MAX_COMPARE_MODELS:
+        yield _compare_error(f"models must name {MIN_COMPARE_MODELS} to {MAX_COMPARE_MODELS} models, got {len(models)}")
+        return
+    if "messages" in body:
+        kind = "chat"
+    elif "prompt" in body:
+        kind = "completions"
+    else:
+        yield _compare_error("send either messages (chat) or prompt (completions)", param="messages")
+        return
+    shared = {key: value for key, value in body.items() if key not in ("models", "stream", "n")}
+
+    queue: asyncio.Queue = asyncio.Queue()
+    started = time.perf_counter()
+
+    async def run_one(index: int, model: str) -> None:
+        text: list[str] = []
+        first_token_at = None
+        num_tokens = 0
+        finish_reason = None
+        try:
+            async for kind_of_item, payload in stream_events(kind, {**shared, "model": model}):
+                now = time.perf_counter()
+                if kind_of_item == "error":
+                    await queue.put({"type": "error", "index": index, "model": model, "error": payload.get("error", payload)})
+                    return
+                if kind_of_item == "start":
+                    await queue.put({"type": "start", "index": index, "model": model, **payload, "requested": model})
+                    continue
+                event: TokenEvent = payload
+                first_token_at = first_token_at or now
+                num_tokens += 1
+                text.append(event.text)
+                finish_reason = event.finish_reason or finish_reason
+                await queue.put({
+                    "type": "token", "index": index, "model": model, "text": event.text,
+                    "time_ms": round((now - started) * 1000, 2), "step_id": event.step_id, "batch_size": event.batch_size,
+                })
+            end = time.perf_counter()
+            decode_s = end - first_token_at if first_token_at is not None else 0.0
+            await queue.put({
+                "type": "done", "index": index, "model": model, "text": "".join(text), "num_tokens": num_tokens,
+                "finish_reason": finish_reason,
+                "ttft_ms": round((first_token_at - started) * 1000, 2) if first_token_at is not None else None,
+                "e2e_ms": round((end - started) * 1000, 2),
+                "decode_tokens_per_s": round((num_tokens - 1) / decode_s, 2) if num_tokens > 1 and decode_s > 0 else None,
+            })
+        except Exception as exc:
+            logger.exception("compare stream for model %s failed", model)
+            await queue.put({"type": "error", "index": index, "model": model, "error": {"status": 500, "message": str(exc)}})
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(run_one(index, model)) for index, model in enumerate(models)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

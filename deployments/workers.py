@@ -15,6 +15,7 @@ import logging
 import os
 import time
 
+import psutil
 import ray
 import torch
 from ray import serve
@@ -23,6 +24,9 @@ from molten.config import EngineConfig
 from molten.engine.async_engine import AsyncEngine
 from molten.engine.llm_engine import LLMEngine
 from molten.engine.sampling_params import SamplingParams
+
+from molten.deployments.metrics import EngineMetrics, current_application
+from molten.deployments.telemetry import register_with_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ class EngineWorker:
     def __init__(self, engine_config: EngineConfig):
         from molten.models import load_model
 
+        # The process's memory before the weights arrive: the runtime (Python, torch, Ray) alone.
+        self.rss_before_load_bytes = psutil.Process().memory_info().rss
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
         started = time.perf_counter()
@@ -42,6 +48,11 @@ class EngineWorker:
         self.engine = LLMEngine(engine_config, loaded)
         self.async_engine = AsyncEngine(self.engine, name=self.role)
         self.load_seconds = time.perf_counter() - started
+        self.metrics = EngineMetrics(self.engine.facts.model_id, self.role, current_application())
+        self.async_engine.step_listeners.append(self.metrics.observe_step)
+        memory = measure_worker_memory(self.engine, self.rss_before_load_bytes, self.role)
+        self.metrics.set_model_memory(memory["weight_bytes"], memory["kv_pool_bytes"])
+        register_with_telemetry(f"molten:{self.role}:{self.engine.facts.model_id}", memory["torch_allocated_bytes"])
         logger.info(
             "%s worker ready: model=%s threads=%d pid=%d load=%.1fs",
             self.role, self.engine.facts.model_id, torch.get_num_threads(), os.getpid(), self.load_seconds,
@@ -62,6 +73,15 @@ class EngineWorker:
             "load_seconds": round(self.load_seconds, 3),
         }
 
+    async def memory_ledger(self) -> dict:
+        """Measure this worker's memory: weights, KV pool, and the rest (activations, runtime)."""
+        return measure_worker_memory(self.engine, self.rss_before_load_bytes, self.role)
+
+    async def steps(self, since_step: int | None = None) -> dict:
+        """This engine's step records (see molten.engine.step_stats) with a step id above `since_step`."""
+        records = self.engine.step_stats.records_after(since_step)
+        return {"role": self.role, "steps": [record.to_dict() for record in records]}
+
     async def kv_state(self) -> dict:
         state = await self.async_engine.call(lambda engine: engine.kv_state())
         state["role"] = self.role
@@ -80,6 +100,60 @@ class EngineWorker:
             engine.shutdown()
 
 
+def measure_worker_memory(engine: LLMEngine, rss_before_load_bytes: int, role: str) -> dict:
+    """Split one engine process's memory into weights, KV pool and the rest.
+
+    On CPU the total is the process RSS. On a GPU it is NVML's count of device memory used by
+    this process, and RSS is reported beside it. `torch_allocated_bytes` is torch's CUDA
+    allocator count on a GPU; on CPU torch keeps no allocator count, so it is the bytes of
+    the tensors the engine owns (parameters, buffers, KV pool).
+    """
+    tensors = list(engine.model.parameters()) + list(engine.model.buffers())
+    weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    kv_pool_bytes = engine.kv_cache.num_bytes
+    device = tensors[0].device if tensors else torch.device("cpu")
+    rss_bytes = psutil.Process().memory_info().rss
+    ledger = {
+        "role": role,
+        "pid": os.getpid(),
+        "device": str(device),
+        "weight_bytes": weight_bytes,
+        "kv_pool_bytes": kv_pool_bytes,
+        "rss_bytes": rss_bytes,
+        "rss_before_load_bytes": rss_before_load_bytes,
+        "gpu_process_bytes": None,
+    }
+    if device.type == "cuda":
+        ledger["torch_allocated_bytes"] = torch.cuda.memory_allocated(device)
+        ledger["torch_reserved_bytes"] = torch.cuda.memory_reserved(device)
+        ledger["gpu_process_bytes"] = nvml_process_memory_bytes(os.getpid(), device.index or 0)
+        total = ledger["gpu_process_bytes"] or ledger["torch_reserved_bytes"]
+    else:
+        ledger["torch_allocated_bytes"] = weight_bytes + kv_pool_bytes
+        total = rss_bytes
+    ledger["total_bytes"] = total
+    ledger["other_bytes"] = max(0, total - weight_bytes - kv_pool_bytes)
+    return ledger
+
+
+def nvml_process_memory_bytes(pid: int, device_index: int) -> int | None:
+    """Return the GPU memory NVML counts for `pid` on one device, or None when NVML cannot tell."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid == pid:
+                    return process.usedGpuMemory
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as exc:  # pynvml raises its own NVMLError subclasses, or ImportError
+        logger.warning("could not read GPU memory of pid %d from NVML: %s", pid, exc)
+    return None
+
+
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10)
 class PrefillWorker(EngineWorker):
     role = "prefill"
@@ -91,6 +165,8 @@ class PrefillWorker(EngineWorker):
             request_id, prompt_token_ids, params, priority=priority, arrival_time=arrival_time
         )
         handoff_ref = [ray.put(result.handoff)] if result.handoff is not None else None
+        # The first token leaves with the handoff reference, so TTFT includes the KV export.
+        self.metrics.observe_token(result.event, time.time(), arrival_time, None)
         return {"event": result.event, "handoff": handoff_ref}
 
 
@@ -100,7 +176,8 @@ class DecodeWorker(EngineWorker):
 
     async def decode(self, handoff_ref: list):
         handoff = await handoff_ref[0]
-        async for event in self.async_engine.decode_imported(handoff):
+        events = self.async_engine.decode_imported(handoff)
+        async for event in self.metrics.track(events, handoff.arrival_time, previous_token_time=handoff.created_at):
             yield event
 
 
@@ -111,7 +188,8 @@ class ColocatedWorker(EngineWorker):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int, arrival_time: float
     ):
-        async for event in self.async_engine.generate(
+        events = self.async_engine.generate(
             request_id, prompt_token_ids, params, priority=priority, arrival_time=arrival_time
-        ):
+        )
+        async for event in self.metrics.track(events, arrival_time):
             yield event

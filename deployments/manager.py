@@ -1,0 +1,743 @@
+"""The model manager: which models are deployed, their state and memory; load, unload, swap.
+
+`ModelManager` is a Serve deployment named `molten:model-manager` inside the Molten
+application. It deploys each loaded model's engine workers as their own Serve
+applications, with no HTTP route (`<app>:<model>:prefill` and `...:decode`, or
+`...:colocated`), and deletes them on unload. The ingress asks it for a *lease* before
+each request: the lease names the worker deployments that serve the requested model
+(after resolving aliases and A/B weights) and counts the request as in flight until the
+ingress releases it. Counting leases here, not in the workers, closes the race between
+picking a route and deleting its workers: a model is deleted only when no lease on it is
+left, or when the drain timeout passes.
+
+States: loading → ready → draining → unloaded, or loading → failed (with the error).
+
+Memory ledger: each worker measures its own process (weights, KV pool, the rest; see
+`molten.deployments.workers.measure_worker_memory`), and the manager snapshots the
+system view (system memory used, the RSS of the manager, ingress and worker processes,
+NVML per-process GPU memory) before load, after load and after unload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import psutil
+from ray import serve
+
+from molten.deployments.router import PreparedRequest, RequestRouter
+from molten.deployments.settings import MODES, ServeSettings, served_model_id
+from molten.deployments.workers import ColocatedWorker, DecodeWorker, PrefillWorker, nvml_process_memory_bytes
+from molten.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MANAGER_NAME = "molten:model-manager"
+
+STATES = ("loading", "ready", "draining", "unloaded", "failed")
+
+WORKER_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
+
+POLL_INTERVAL_S = 0.05
+"""How often a waiting call re-checks a model's state or in-flight count."""
+
+DEPLOY_PROGRESS_INTERVAL_S = 1.0
+
+WORKER_SHUTDOWN_WAIT_LOOP_S = 0.5
+"""Serve's check interval for ongoing requests when a worker stops; the manager drains first, so short."""
+
+DEFAULT_RUNTIME_BYTES = 400 * 2**20
+"""Estimated memory of one worker process before weights (Python, torch, Ray), used until a load measures it."""
+
+
+def roles_for_mode(mode: str) -> tuple[str, ...]:
+    return ("colocated",) if mode == "colocated" else ("prefill", "decode")
+
+
+def model_spec_with_precision(model: str, precision: str | None) -> str:
+    """Join a model and a precision into the `<model>:<precision>` spec that model loading reads.
+
+    The spec is passed to the workers' `load_model` unchanged. Raises ValueError for an
+    unknown precision or one that contradicts a suffix already on `model`.
+    """
+    if not precision:
+        return model
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    base, _, suffix = model.rpartition(":")
+    if base and suffix in PRECISIONS:
+        if suffix != precision:
+            raise ValueError(f"model {model!r} already names precision {suffix!r}, which contradicts {precision!r}")
+        return model
+    return f"{model}:{precision}"
+
+
+@dataclass
+class ModelRecord:
+    """One deployed (or once deployed) model, as the manager tracks it."""
+
+    model_id: str
+    """Id clients send in `model`, e.g. `tiny-random-llama` or `smollm2-135m-instruct:int8`."""
+    spec: str
+    """What the workers' `load_model` receives: catalog name, path or hub id, with any precision suffix."""
+    mode: str
+    state: str = "loading"
+    error: str | None = None
+    generation: int = 0
+    """Counts loads of this model id, so the ingress drops routers of an earlier deployment."""
+    app_names: dict[str, str] = field(default_factory=dict)
+    """Serve application of each worker role."""
+    deployment_names: dict[str, str] = field(default_factory=dict)
+    progress: list[dict] = field(default_factory=list)
+    """Load stages so far: {"stage", "message", "elapsed_s"}; the last one is the current stage."""
+    requested_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    load_seconds: float | None = None
+    """Load request → every worker deployed and healthy."""
+    cold_start_seconds: float | None = None
+    """Load request → first token of the warm-up request."""
+    unload_seconds: float | None = None
+    drain_seconds: float | None = None
+    max_model_len: int | None = None
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.time)
+    workers: list[dict] = field(default_factory=list)
+    """Each worker's memory ledger, measured after load."""
+    memory_before_load: dict | None = None
+    memory_after_load: dict | None = None
+    memory_after_unload: dict | None = None
+    estimated_bytes: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """Measured memory of this model's worker processes, or the estimate until they are measured."""
+        if self.workers:
+            return sum(worker["total_bytes"] for worker in self.workers)
+        return self.estimated_bytes or 0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        memory = {
+            "weight_bytes": sum(worker["weight_bytes"] for worker in self.workers),
+            "kv_pool_bytes": sum(worker["kv_pool_bytes"] for worker in self.workers),
+            "other_bytes": sum(worker["other_bytes"] for worker in self.workers),
+            "total_bytes": self.total_bytes,
+        }
+        data["memory"] = memory
+        data["progress_stage"] = self.progress[-1]["stage"] if self.progress else None
+        return data
+
+
+class ManagerError(Exception):
+    """A manager call the client must see as an HTTP error."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict:
+        return {
+            "error": {
+                "status": self.status,
+                "message": str(self),
+                "code": self.code,
+                "param": self.param,
+                "retry_after_s": self.retry_after_s,
+            }
+        }
+
+
+def process_rss_bytes(pids: set[int]) -> dict[int, int]:
+    """Return the RSS of each pid that still exists on this node."""
+    sizes = {}
+    for pid in sorted(pids):
+        try:
+            sizes[pid] = psutil.Process(pid).memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return sizes
+
+
+def gpu_memory_snapshot(pids: set[int]) -> dict | None:
+    """Return NVML's device memory in use and each listed pid's share, or None without an NVIDIA GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no GPU, or no pynvml
+        return None
+    try:
+        devices = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            processes = {
+                process.pid: process.usedGpuMemory
+                for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if process.pid in pids
+            }
+            devices.append({"index": index, "used_bytes": info.used, "total_bytes": info.total, "processes": processes})
+        return {"devices": devices}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=10)
+class ModelManager:
+    """Owns the deployed models: loads, unloads and swaps them, hands out routing leases, keeps memory ledgers."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.records: dict[str, ModelRecord] = {}
+        self.aliases: dict[str, dict[str, float]] = {}
+        """Alias → {model id: weight}; a request for the alias goes to one target, chosen by weight."""
+        self.leases: dict[str, str] = {}
+        """Lease id → model id, for requests in flight."""
+        self.cold_starts: list[dict] = []
+        """Every finished load: model, mode, load and cold-start seconds, and the swap it was part of."""
+        self.client_pids: set[int] = set()
+        """Ingress processes that took leases; their RSS belongs to the system view of memory."""
+        self._tasks: set[asyncio.Task] = set()
+        self._random = random.Random()
+        logger.info("model manager ready (app %s, pid %d)", settings.app_name, os.getpid())
+
+    # -- status ------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        """Return every model's record, the aliases, the memory budget and the cold-start history."""
+        return {
+            "models": [record.to_dict() for record in self.records.values()],
+            "aliases": {alias: dict(targets) for alias, targets in self.aliases.items()},
+            "memory": self._budget_view(),
+            "system": self._memory_snapshot(),
+            "cold_starts": list(self.cold_starts),
+            "manager_pid": os.getpid(),
+            "settings": dataclasses.asdict(self.settings.manager),
+        }
+
+    async def model_status(self, model: str) -> dict:
+        record = self.records.get(model)
+        if record is None:
+            return ManagerError(404, f"model {model!r} was never loaded here", "model_not_found", "model").to_dict()
+        return record.to_dict()
+
+    async def served_model_ids(self) -> list[str]:
+        """Model ids and aliases a request can name now: ready or loading models, then aliases."""
+        ids = [record.model_id for record in self.records.values() if record.state in ("ready", "loading")]
+        return ids + sorted(self.aliases)
+
+    async def routing_table(self) -> dict:
+        """Return the worker deployments of every ready model, for the ingress's info and KV views."""
+        return {
+            record.model_id: self._route(record)
+            for record in self.records.values()
+            if record.state == "ready"
+        }
+
+    def _budget_view(self) -> dict:
+        budget_mib = self.settings.manager.memory_budget_mib
+        used = sum(record.total_bytes for record in self.records.values() if record.state in ("loading", "ready", "draining"))
+        budget = None if budget_mib is None else budget_mib * 2**20
+        return {
+            "budget_bytes": budget,
+            "used_bytes": used,
+            "free_bytes": None if budget is None else budget - used,
+        }
+
+    def _memory_snapshot(self) -> dict:
+        """Measure the system view: system memory, RSS of Molten's processes, GPU memory per process."""
+        worker_pids = {
+            worker["pid"]
+            for record in self.records.values()
+            if record.state in ("ready", "draining", "loading")
+            for worker in record.workers
+        }
+        pids = {os.getpid()} | self.client_pids | worker_pids
+        rss = process_rss_bytes(pids)
+        system = psutil.virtual_memory()
+        return {
+            "time": time.time(),
+            "system_used_bytes": system.total - system.available,
+            "system_total_bytes": system.total,
+            "process_rss_bytes": {str(pid): size for pid, size in rss.items()},
+            "molten_rss_bytes": sum(rss.values()),
+            "gpu": gpu_memory_snapshot(pids),
+        }
+
+    # -- leases (called by the ingress for every request) --------------------------------
+
+    async def acquire(self, model: str, client_pid: int | None = None) -> dict:
+        """Pick the deployment that serves `model` and count one request in flight on it.
+
+        Waits up to `load_wait_timeout_s` for a model that is loading. Returns the route
+        with a `lease_id` to pass to `release`, or {"error": {...}} (404 or 503).
+        """
+        if client_pid is not None:
+            self.client_pids.add(client_pid)
+        target = self._pick_target(model)
+        record = self.records.get(target)
+        if record is not None and record.state == "loading":
+            timeout = self.settings.manager.load_wait_timeout_s
+            await self._wait_until(lambda: record.state != "loading", timeout)
+            if record.state == "loading":
+                retry = self.settings.manager.retry_after_s
+                return ManagerError(
+                    503,
+                    f"model {target!r} is still loading ({record.progress[-1]['message'] if record.progress else 'starting'}); "
+                    f"retry in {retry} s",
+                    "model_loading",
+                    "model",
+                    retry_after_s=retry,
+                ).to_dict()
+        if record is None or record.state != "ready" or self.records.get(target) is not record:
+            return await self._not_found(model, record)
+        lease_id = uuid.uuid4().hex
+        self.leases[lease_id] = target
+        record.in_flight += 1
+        record.last_used = time.time()
+        return {"lease_id": lease_id, "requested": model, **self._route(record)}
+
+    async def release(self, lease_id: str) -> None:
+        model_id = self.leases.pop(lease_id, None)
+        record = self.records.get(model_id) if model_id else None
+        if record is not None:
+            record.in_flight = max(0, record.in_flight - 1)
+
+    def _pick_target(self, model: str) -> str:
+        targets = self.aliases.get(model)
+        if not targets:
+            return model
+        names = list(targets)
+        return self._random.choices(names, weights=[targets[name] for name in names])[0]
+
+    def _route(self, record: ModelRecord) -> dict:
+        return {
+            "model_id": record.model_id,
+            "spec": record.spec,
+            "mode": record.mode,
+            "generation": record.generation,
+            "max_model_len": record.max_model_len,
+            "deployments": {
+                role: {"app_name": record.app_names[role], "deployment_name": record.deployment_names[role]}
+                for role in roles_for_mode(record.mode)
+            },
+        }
+
+    async def _not_found(self, model: str, record: ModelRecord | None) -> dict:
+        served = await self.served_model_ids()
+        if record is not None and record.state == "failed":
+            reason = f"model {model!r} failed to load: {record.error}"
+        elif record is not None and record.state in ("draining", "unloaded"):
+            reason = f"model {model!r} is {record.state}"
+        else:
+            reason = f"model {model!r} is not loaded"
+        served_text = ", ".join(served) if served else "none"
+        message = (
+            f"{reason}; served models: {served_text}. Load a catalog model with POST /v1/molten/models/load "
+            "or `molten models load MODEL`"
+        )
+        error = ManagerError(404, message, "model_not_found", "model").to_dict()
+        error["error"]["served"] = served
+        return error
+
+    # -- load --------------------------------------------------------------------------
+
+    async def load(
+        self, model: str, mode: str | None = None, precision: str | None = None, wait: bool = False
+    ) -> dict:
+        """Start loading `model` (or return its record if it is already loading or ready).
+
+        With `wait`, returns when the load finished (ready or failed). A load past the
+        memory budget first unloads idle models, least recently used first; when that is
+        not enough it is rejected with HTTP 507 naming the memory needed and free.
+        """
+        try:
+            record = await self._start_load(model, mode, precision)
+        except ManagerError as exc:
+            return exc.to_dict()
+        if wait:
+            await self._wait_until(lambda: record.state in ("ready", "failed"), None)
+        return record.to_dict()
+
+    async def _start_load(self, model: str, mode: str | None, precision: str | None, *, swap_of: str | None = None) -> ModelRecord:
+        mode = mode or self.settings.mode
+        if mode not in MODES:
+            raise ManagerError(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}", "invalid_mode", "mode")
+        if not isinstance(model, str) or not model.strip():
+            raise ManagerError(400, "model must be a non-empty string naming a catalog model, path or hub id", "invalid_model", "model")
+        try:
+            spec = model_spec_with_precision(model.strip(), precision)
+        except ValueError as exc:
+            raise ManagerError(400, str(exc), "invalid_precision", "precision") from None
+        model_id = served_model_id(spec)
+        if model_id in self.aliases:
+            raise ManagerError(409, f"{model_id!r} is an alias; delete the alias before loading a model of that name", "alias_conflict", "model")
+
+        existing = self.records.get(model_id)
+        if existing is not None and existing.state in ("loading", "ready"):
+            return existing
+        if existing is not None and existing.state == "draining":
+            await self._wait_until(lambda: existing.state != "draining", self.settings.manager.drain_timeout_s + 60)
+
+        estimated = self._estimate_bytes(spec, mode)
+        await self._make_room(estimated, exclude=swap_of)
+
+        generation = existing.generation + 1 if existing is not None else 1
+        record = ModelRecord(model_id=model_id, spec=spec, mode=mode, generation=generation, estimated_bytes=estimated)
+        record.memory_before_load = self._memory_snapshot()
+        self.records[model_id] = record
+        self._spawn(self._run_load(record, swap_of))
+        logger.info("loading model %s (spec %s, %s mode, generation %d)", model_id, spec, mode, generation)
+        return record
+
+    def _estimate_bytes(self, spec: str, mode: str) -> int:
+        """Estimate a model's memory from an earlier load of the same spec, or from the KV pools alone."""
+        num_workers = len(roles_for_mode(mode))
+        for entry in reversed(self.cold_starts):
+            if entry["spec"] == spec and entry.get("total_bytes"):
+                return entry["total_bytes"] // entry["num_workers"] * num_workers
+        # NOTE: the first load of a model does not know its weight size, so the estimate counts
+        # only the KV pools and the runtime; the budget is checked again with measured numbers
+        # once the workers are up (see _enforce_budget_after_load).
+        kv_pool = self.settings.cache.kv_cache_memory_mib * 2**20
+        return num_workers * (kv_pool + DEFAULT_RUNTIME_BYTES)
+
+    async def _make_room(self, needed_bytes: int, exclude: str | None = None) -> None:
+        """Unload idle models, least recently used first, until `needed_bytes` fit the budget. Raises ManagerError 507.
+
+        `exclude` is a model that must stay (the new model of a swap, or one that just loaded).
+        """
+        budget = self._budget_view()
+        if budget["budget_bytes"] is None:
+            return
+        free = budget["free_bytes"]
+        evicted = []
+        while free < needed_bytes:
+            idle = [
+                record for record in self.records.values()
+                if record.state == "ready" and record.in_flight == 0
+                and record.model_id != exclude
+            ]
+            if not idle:
+                break
+            victim = min(idle, key=lambda record: record.last_used)
+            logger.info("memory budget: unloading idle model %s (last used %.0f s ago)", victim.model_id, time.time() - victim.last_used)
+            freed = victim.total_bytes
+            await self._unload(victim, reason="evicted")
+            evicted.append(victim.model_id)
+            free += freed
+        if free < needed_bytes:
+            raise ManagerError(
+                507,
+                f"not enough memory under the budget: the model needs about {needed_bytes / 2**20:.0f} MiB and "
+                f"{max(0, free) / 2**20:.0f} MiB of the {budget['budget_bytes'] / 2**20:.0f} MiB budget is free"
+                + (f" after unloading {', '.join(evicted)}" if evicted else "")
+                + ". Unload a model, or raise memory_budget_mib",
+                "insufficient_memory",
+                "model",
+            )
+
+    async def _run_load(self, record: ModelRecord, swap_of: str | None) -> None:
+        started = time.perf_counter()
+
+        def note(stage: str, message: str) -> None:
+            record.progress.append({"stage": stage, "message": message, "elapsed_s": round(time.perf_counter() - started, 3)})
+
+        try:
+            note("deploy", f"deploying {' and '.join(roles_for_mode(record.mode))} worker(s)")
+            applications = self._build_worker_apps(record)
+            await self._deploy(record, applications, note)
+            record.load_seconds = time.perf_counter() - started
+            note("warm-up", "workers are up; generating the first token")
+            router = self._router_for(record)
+            info = await router.workers[0].info.remote()
+            record.max_model_len = info["max_model_len"]
+            await self._warm_up(router)
+            record.cold_start_seconds = time.perf_counter() - started
+            note("measure", "measuring memory")
+            record.workers = list(await asyncio.gather(*(w.memory_ledger.remote() for w in router.workers)))
+            record.memory_after_load = self._memory_snapshot()
+            if record.state == "loading":
+                record.state = "ready"
+                record.ready_at = time.time()
+                note("ready", f"ready: first token {record.cold_start_seconds:.2f} s after the load request")
+            self.cold_starts.append({
+                "model_id": record.model_id,
+                "spec": record.spec,
+                "mode": record.mode,
+                "generation": record.generation,
+                "load_seconds": round(record.load_seconds, 3),
+                "cold_start_seconds": round(record.cold_start_seconds, 3),
+                "total_bytes": record.total_bytes,
+                "num_workers": len(record.workers),
+                "swap_of": swap_of,
+                "time": time.time(),
+            })
+            logger.info("model %s ready: cold start %.2f s", record.model_id, record.cold_start_seconds)
+            await self._enforce_budget_after_load(record)
+        except Exception as exc:
+            logger.exception("loading model %s failed", record.model_id)
+            record.state = "failed"
+            record.error = _first_line(exc)
+            note("failed", record.error)
+            await self._delete_apps(record)
+
+    async def _enforce_budget_after_load(self, record: ModelRecord) -> None:
+        """Check the budget with the measured size; evict idle models or unload this one when it does not fit."""
+        budget = self._budget_view()
+        if budget["budget_bytes"] is None or budget["free_bytes"] >= 0:
+            return
+        try:
+            # This model is already counted in used_bytes, so only the overshoot must be freed.
+            await self._make_room(-budget["free_bytes"], exclude=record.model_id)
+        except ManagerError as exc:
+            await self._unload(record, reason="over budget")
+            record.state = "failed"
+            record.error = str(exc)
+
+    def _build_worker_apps(self, record: ModelRecord) -> dict:
+        settings = dataclasses.replace(self.settings, model=record.spec, mode=record.mode)
+        engine_config = settings.engine_config()
+        options: dict = {"num_cpus": settings.worker_num_cpus}
+        if "MOLTEN_HOME" in os.environ:
+            options["runtime_env"] = {"env_vars": {"MOLTEN_HOME": os.environ["MOLTEN_HOME"]}}
+        applications = {}
+        for role in roles_for_mode(record.mode):
+            record.app_names[role] = settings.model_app_name(record.model_id, role)
+            record.deployment_names[role] = settings.deployment_name(role)
+            applications[role] = WORKER_CLASSES[role].options(
+                name=record.deployment_names[role],
+                ray_actor_options=options,
+                graceful_shutdown_wait_loop_s=WORKER_SHUTDOWN_WAIT_LOOP_S,
+                graceful_shutdown_timeout_s=5,
+            ).bind(engine_config)
+        return applications
+
+    async def _deploy(self, record: ModelRecord, applications: dict, note) -> None:
+        """Deploy the worker applications (no HTTP route) and report their status every second until they run."""
+        targets = [
+            serve.RunTarget(target=app, name=record.app_names[role], route_prefix=None)
+            for role, app in applications.items()
+        ]
+        deploying = asyncio.ensure_future(asyncio.to_thread(serve.run_many, targets))
+        while not deploying.done():
+            await asyncio.wait([deploying], timeout=DEPLOY_PROGRESS_INTERVAL_S)
+            if not deploying.done():
+                note("deploy", await asyncio.to_thread(self._deploy_status_message, record))
+        deploying.result()
+
+    def _deploy_status_message(self, record: ModelRecord) -> str:
+        applications = serve.status().applications
+        parts = []
+        for role, app_name in record.app_names.items():
+            app = applications.get(app_name)
+            parts.append(f"{role} {app.status.value.lower() if app else 'pending'}")
+        return "deploying: " + ", ".join(parts)
+
+    def _router_for(self, record: ModelRecord) -> RequestRouter:
+        handles = {
+            role: serve.get_deployment_handle(record.deployment_names[role], app_name=record.app_names[role])
+            for role in roles_for_mode(record.mode)
+        }
+        return RequestRouter(**handles)
+
+    async def _warm_up(self, router: RequestRouter) -> None:
+        """Generate a few tokens so the load's cold-start time ends at a real first token."""
+        params = SamplingParams(max_tokens=self.settings.manager.warmup_max_tokens, temperature=0.0, ignore_eos=True)
+        request = PreparedRequest(request_id=f"warmup-{uuid.uuid4().hex[:8]}", prompt_token_ids=[0, 1, 2], sampling_params=params)
+        async for _ in router.stream(request):
+            pass
+
+    # -- unload and swap ---------------------------------------------------------------
+
+    async def unload(self, model: str, wait: bool = True) -> dict:
+        """Stop routing to `model`, wait for its streams (up to drain_timeout_s), then delete its workers."""
+        record = self.records.get(model)
+        if record is None or record.state in ("unloaded",):
+            served = await self.served_model_ids()
+            return ManagerError(404, f"model {model!r} is not loaded; served models: {', '.join(served) or 'none'}", "model_not_found", "model").to_dict()
+        if record.state == "failed":
+            record.state = "unloaded"
+            return record.to_dict()
+        if record.state == "loading":
+            await self._wait_until(lambda: record.state != "loading", None)
+        task = self._spawn(self._unload(record, reason="requested"))
+        if wait:
+            await task
+        return record.to_dict()
+
+    async def _unload(self, record: ModelRecord, reason: str) -> None:
+        if record.state in ("unloaded", "draining"):
+            await self._wait_until(lambda: record.state == "unloaded", None)
+            return
+        started = time.perf_counter()
+        record.state = "draining"
+        self._drop_from_aliases(record.model_id)
+        drained = await self._wait_until(lambda: record.in_flight == 0, self.settings.manager.drain_timeout_s)
+        record.drain_seconds = time.perf_counter() - started
+        if not drained:
+            logger.warning(
+                "model %s: %d request(s) still running after the %.0f s drain timeout; deleting it anyway",
+                record.model_id, record.in_flight, self.settings.manager.drain_timeout_s,
+            )
+        await self._delete_apps(record)
+        record.state = "unloaded"
+        record.unload_seconds = time.perf_counter() - started
+        record.memory_after_unload = self._memory_snapshot()
+        logger.info("model %s unloaded (%s) in %.2f s", record.model_id, reason, record.unload_seconds)
+
+    async def _delete_apps(self, record: ModelRecord) -> None:
+        for app_name in record.app_names.values():
+            try:
+                await asyncio.to_thread(serve.delete, app_name)
+            except Exception:
+                logger.exception("deleting Serve application %s failed", app_name)
+
+    async def swap(self, old: str, new: str, mode: str | None = None, precision: str | None = None) -> dict:
+        """Replace `old` with `new`: aliases that pointed at `old` move to `new`, and `old` drains.
+
+        When the budget allows both at once, `old` drains while `new` loads; otherwise `old`
+        is unloaded first. Returns both records and the swap's timings.
+        """
+        started = time.perf_counter()
+        old_record = self.records.get(old)
+        if old_record is None or old_record.state != "ready":
+            return await self._not_found(old, old_record)
+        try:
+            spec = model_spec_with_precision(new, precision)
+        except ValueError as exc:
+            return ManagerError(400, str(exc), "invalid_precision", "precision").to_dict()
+        new_id = served_model_id(spec)
+        if new_id == old:
+            return ManagerError(400, "old and new name the same model; unload and load it to restart it", "invalid_swap", "new").to_dict()
+
+        budget = self._budget_view()
+        estimated = self._estimate_bytes(spec, mode or self.settings.mode)
+        sequential = budget["budget_bytes"] is not None and budget["free_bytes"] < estimated
+        moved = [alias for alias, targets in self.aliases.items() if old in targets]
+        try:
+            if sequential:
+                await self._unload(old_record, reason=f"swap to {new_id}")
+                new_record = await self._start_load(new, mode, precision, swap_of=old)
+                self._repoint_aliases(old, new_id)
+            else:
+                new_record = await self._start_load(new, mode, precision, swap_of=old)
+                self._repoint_aliases(old, new_id)
+                await self._unload(old_record, reason=f"swap to {new_id}")
+        except ManagerError as exc:
+            return exc.to_dict()
+        await self._wait_until(lambda: new_record.state in ("ready", "failed"), None)
+        return {
+            "old": old_record.to_dict(),
+            "new": new_record.to_dict(),
+            "sequential": sequential,
+            "aliases_moved": moved,
+            "swap_seconds": round(time.perf_counter() - started, 3),
+        }
+
+    async def set_memory_budget(self, memory_budget_mib: int | None) -> dict:
+        """Change the memory budget at run time (None removes it); later loads are checked against it."""
+        if memory_budget_mib is not None and (
+            isinstance(memory_budget_mib, bool) or not isinstance(memory_budget_mib, int) or memory_budget_mib < 1
+        ):
+            return ManagerError(
+                400, f"memory_budget_mib must be an integer >= 1 or null, got {memory_budget_mib!r}",
+                "invalid_budget", "memory_budget_mib",
+            ).to_dict()
+        self.settings = dataclasses.replace(
+            self.settings, manager=dataclasses.replace(self.settings.manager, memory_budget_mib=memory_budget_mib)
+        )
+        logger.info("memory budget set to %s MiB", memory_budget_mib)
+        return self._budget_view()
+
+    # -- aliases -----------------------------------------------------------------------
+
+    async def set_alias(self, alias: str, targets: dict[str, float]) -> dict:
+        """Point `alias` at one model, or split its requests between several by weight (an A/B test)."""
+        if not isinstance(alias, str) or not alias.strip():
+            return ManagerError(400, "alias must be a non-empty string", "invalid_alias", "alias").to_dict()
+        if alias in self.records and self.records[alias].state in ("loading", "ready", "draining"):
+            return ManagerError(409, f"{alias!r} is a loaded model id; choose another alias name", "alias_conflict", "alias").to_dict()
+        if not isinstance(targets, dict) or not targets:
+            return ManagerError(400, "targets must map at least one model id to a weight", "invalid_targets", "targets").to_dict()
+        for model_id, weight in targets.items():
+            record = self.records.get(model_id)
+            if record is None or record.state not in ("loading", "ready"):
+                served = await self.served_model_ids()
+                return ManagerError(
+                    404, f"alias target {model_id!r} is not loaded; served models: {', '.join(served) or 'none'}",
+                    "model_not_found", "targets",
+                ).to_dict()
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                return ManagerError(400, f"weight of {model_id!r} must be a number > 0, got {weight!r}", "invalid_weight", "targets").to_dict()
+        self.aliases[alias] = {model_id: float(weight) for model_id, weight in targets.items()}
+        logger.info("alias %s now points at %s", alias, self.aliases[alias])
+        return {"alias": alias, "targets": self.aliases[alias]}
+
+    async def delete_alias(self, alias: str) -> dict:
+        if self.aliases.pop(alias, None) is None:
+            return ManagerError(404, f"alias {alias!r} does not exist; aliases: {', '.join(self.aliases) or 'none'}", "alias_not_found", "alias").to_dict()
+        return {"alias": alias, "deleted": True}
+
+    def _repoint_aliases(self, old: str, new: str) -> None:
+        for targets in self.aliases.values():
+            if old in targets:
+                targets[new] = targets.get(new, 0.0) + targets.pop(old)
+
+    def _drop_from_aliases(self, model_id: str) -> None:
+        for alias in list(self.aliases):
+            self.aliases[alias].pop(model_id, None)
+            if not self.aliases[alias]:
+                del self.aliases[alias]
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _wait_until(self, condition, timeout_s: float | None) -> bool:
+        """Poll `condition` until it holds or `timeout_s` passes (None: until it holds). Returns whether it held."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not condition():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(POLL_INTERVAL_S)
+        return True
+
+    async def unload_all(self) -> None:
+        """Delete every model's workers at once, without draining (used when Molten stops)."""
+        for record in self.records.values():
+            if record.state != "unloaded":
+                await self._delete_apps(record)
+                record.state = "unloaded"
+
+    def __del__(self):
+        # Serve calls this when the Molten application is deleted. The per-model applications
+        # are separate, so ask Serve to delete them too, without waiting (the controller is busy
+        # deleting this replica).
+        for record in getattr(self, "records", {}).values():
+            for app_name in record.app_names.values():
+                try:
+                    serve.delete(app_name, _blocking=False)
+                except Exception as exc:  # Serve may already be shutting down
+                    logger.warning("could not delete Serve application %s: %s", app_name, exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0] if text else type(exc).__name__
