@@ -237,7 +237,7 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
                         stop_button = gr.Button("Stop")
                         clear_button = gr.Button("Clear")
                 with gr.Column(scale=2):
-                    stats_box = gr.Markdown(format_stats_markdown(ReplyStats(), controller.mode))
+                    stats_box = gr.Markdown(format_stats_markdown(ReplyStats(), controller.mode), elem_id="molten-reply-stats")
                     timeline_plot = gr.ScatterPlot(
                         token_timeline_frame(ReplyStats()),
                         x="time_ms",

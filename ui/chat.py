@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,9 @@ from molten.engine.events import TokenEvent
 from molten.ui.stats import ReplyStats
 
 logger = logging.getLogger(__name__)
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+"""Terminal color codes, which Ray puts in its error messages."""
 
 DEFAULT_ITEM_TIMEOUT_S = 300.0
 """Maximum wait for the next streamed item before the turn fails with a timeout error.
@@ -137,8 +141,15 @@ def error_object(message: str, error_type: str = "server_error", param: str | No
 
 
 def summarize_exception(exc: BaseException) -> str:
-    """Return the exception's type and the first line of its message (Ray errors append whole tracebacks)."""
-    lines = str(exc).strip().splitlines()
+    """Return the exception's type and the first line of its message (Ray errors append whole tracebacks).
+
+    A Ray task error is replaced by the exception raised in the remote task (its `cause`),
+    because its own first line only names the actor.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    lines = ANSI_ESCAPE.sub("", str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_POOL_CELLS = 2048
+MAX_POOL_CELLS = 512
 """Most cells drawn for one pool. A larger pool draws one cell per group of consecutive blocks,
 so the page stays light whatever the KV cache size."""
 

@@ -411,3 +411,14 @@ def test_dashboard_token_never_shown(monkeypatch):
     markdown = format_dashboard_markdown("http://127.0.0.1:8265", app.dashboard_access_lines())
     assert "get-auth-token" in markdown
     assert "secret-token-value-42" not in markdown
+
+
+def test_ray_task_error_shows_cause():
+    from ray.exceptions import RayTaskError
+
+    from molten.ui.chat import summarize_exception
+
+    cause = ValueError("Tried to call a method 'telemetry' that does not exist.")
+    error = RayTaskError("handle_request", "Traceback ...", cause, proctitle="\x1b[36mray::ServeReplica\x1b[39m")
+    assert summarize_exception(error) == "ValueError: Tried to call a method 'telemetry' that does not exist."
+    assert summarize_exception(RuntimeError("\x1b[36mred\x1b[39m\nmore")) == "RuntimeError: red"

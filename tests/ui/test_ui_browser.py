@@ -1,0 +1,184 @@
+"""The playground in a real browser: Debian's Chromium, driven by Playwright, against a real Serve deployment (slow).
+
+The test serves the playground on 127.0.0.1 against the tiny model's Serve application,
+sends a prompt, checks that the reply streams in several pieces, that the token timeline
+and the KV view fill in, and that the live telemetry plot redraws with new samples. It keeps a
+full-page screenshot under test-artifacts/ui/ (git-ignored; set MOLTEN_TEST_ARTIFACTS to
+move it), also when a check fails, so a failure can be looked at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from molten.ui.app import build_playground, launch_playground
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ARTIFACT_DIR = Path(os.environ.get("MOLTEN_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts")) / "ui"
+SCREENSHOT_PATH = ARTIFACT_DIR / "playground.png"
+SETUP_HINT = "run `./setup.sh --test --browser`, which installs Debian's chromium and the Playwright package"
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+"""Flags that keep the headless browser local: no sandbox (tests may run as root), and no
+background traffic (updates, sync, QUIC probes) toward any other host."""
+
+PAGE_LOAD_TIMEOUT_MS = 60_000
+REPLY_TIMEOUT_S = 120.0
+"""Maximum wait for the whole reply. The tiny model's 256 tokens take a few seconds, but the
+machine may be shared with other work."""
+LIVE_VIEW_TIMEOUT_S = 30.0
+"""Maximum wait for the live views to show new data; the timer polls every second."""
+POLL_EVERY_S = 0.25
+
+MESSAGE_PLACEHOLDER = "Type a message and press Enter"
+
+RECORD_REPLY_LENGTHS_JS = """
+() => {
+  window.moltenReplyLengths = [];
+  const record = () => {
+    const replies = document.querySelectorAll("[data-testid='bot']");
+    if (replies.length === 0) return;
+    const length = replies[replies.length - 1].textContent.trim().length;
+    const lengths = window.moltenReplyLengths;
+    if (lengths.length === 0 || lengths[lengths.length - 1] !== length) lengths.push(length);
+  };
+  new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
+}
+"""
+"""Record the length of the last reply's text after every DOM change, to see it grow piece by piece."""
+
+LINE_PATHS_JS = """
+(selector) => Array.from(document.querySelectorAll(selector + " g.mark-line path")).map((path) => path.getAttribute("d"))
+"""
+
+
+def find_chromium() -> str:
+    """Return the Chromium executable to drive, or fail with the setup command that installs it."""
+    configured = os.environ.get("MOLTEN_CHROMIUM")
+    candidates = [configured] if configured else [shutil.which("chromium"), "/usr/bin/chromium"]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail(f"Chromium not found (looked for {configured or 'chromium on PATH and /usr/bin/chromium'}): {SETUP_HINT}")
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, timeout_s: float, what: str):
+    """Call `condition` every POLL_EVERY_S until it returns a truthy value, and return it; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(POLL_EVERY_S)
+
+
+def telemetry_sample_count(page) -> int | None:
+    """Read the number of telemetry samples the live status line reports, or None before the first poll."""
+    match = re.search(r"(\d+) telemetry samples", page.locator("#molten-live-status").inner_text())
+    return int(match.group(1)) if match else None
+
+
+@pytest.fixture(scope="module")
+def playground_url(serve_app):
+    settings, handle = serve_app
+    info = {
+        "model": settings.model,
+        "mode": settings.mode,
+        "api_base": f"http://127.0.0.1:{settings.http_port}{settings.route_prefix}/v1",
+        "ray_dashboard": f"http://127.0.0.1:{settings.dashboard_port}",
+    }
+    blocks = build_playground(lambda: handle, info)
+    url = launch_playground(blocks, unused_port())
+    assert url.startswith("http://127.0.0.1:")
+    yield url
+    blocks.close()
+
+
+@pytest.fixture
+def page():
+    executable = find_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"the Playwright package is not installed: {SETUP_HINT}")
+
+    with tempfile.TemporaryDirectory(prefix="molten-chromium-") as profile, sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=executable, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def test_browser_streams_reply_and_telemetry(page, playground_url):
+    SCREENSHOT_PATH.unlink(missing_ok=True)
+    ARTIFACT_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        page.goto(playground_url, timeout=PAGE_LOAD_TIMEOUT_MS)
+        message_box = page.get_by_placeholder(MESSAGE_PLACEHOLDER)
+        message_box.wait_for(timeout=PAGE_LOAD_TIMEOUT_MS)
+        page.evaluate(RECORD_REPLY_LENGTHS_JS)
+
+        samples_before = wait_until(lambda: telemetry_sample_count(page), LIVE_VIEW_TIMEOUT_S,
+                                    "the first telemetry samples in the live status line")
+        lines_before = page.evaluate(LINE_PATHS_JS, "#molten-telemetry-utilization")
+
+        message_box.fill("Explain what a KV cache is.")
+        page.get_by_role("button", name="Send", exact=True).click()
+        stats = page.locator("#molten-reply-stats")
+        wait_until(lambda: re.search(r"Finish reason\s+(length|stop)", stats.inner_text()), REPLY_TIMEOUT_S,
+                   "the reply to finish (its finish reason in the figures table)")
+
+        lengths = page.evaluate("window.moltenReplyLengths")
+        assert lengths[-1] > 0, "the reply has text"
+        assert len(lengths) >= 3, f"the reply should grow in several pieces while it streams, saw lengths {lengths}"
+        assert lengths == sorted(lengths), f"streamed text only grows, saw lengths {lengths}"
+
+        timeline_marks = page.locator("#molten-token-timeline g.mark-symbol path")
+        assert timeline_marks.count() >= 3, "the token timeline shows one mark per token"
+
+        wait_until(lambda: "decode worker" in page.locator("#molten-kv").inner_text(), LIVE_VIEW_TIMEOUT_S,
+                   "the KV cache view to show the decode worker's pool")
+
+        samples_after = wait_until(
+            lambda: (count := telemetry_sample_count(page)) is not None and count > samples_before and count,
+            LIVE_VIEW_TIMEOUT_S, "new telemetry samples after the reply",
+        )
+        lines_after = wait_until(
+            lambda: (lines := page.evaluate(LINE_PATHS_JS, "#molten-telemetry-utilization")) != lines_before and lines,
+            LIVE_VIEW_TIMEOUT_S, "the utilization plot to redraw",
+        )
+        assert samples_after > samples_before
+        assert any(path for path in lines_after), "the utilization plot draws at least one line"
+    finally:
+        page.screenshot(path=str(SCREENSHOT_PATH), full_page=True)
+    assert SCREENSHOT_PATH.stat().st_size > 10_000, "the screenshot shows the page"
