@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from molten.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from molten.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, SpeculativeConfig
 
 MODES = ("disaggregated", "colocated")
 
@@ -75,6 +75,8 @@ class ServeSettings:
     """max_tokens for requests that do not set it; None keeps the endpoint defaults (chat 512, completions 16)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    """Speculative decoding of the engine workers (off by default)."""
     manager: ManagerSettings = field(default_factory=ManagerSettings)
     app_name: str = "molten"
     """Serve application name; several apps (say, both modes) can share one Serve instance."""
@@ -107,6 +109,7 @@ class ServeSettings:
             num_threads=self.num_threads,
             cache=self.cache,
             scheduler=self.scheduler,
+            speculative=self.speculative,
         )
 
     def deployment_name(self, role: str) -> str:
