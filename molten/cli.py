@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Define the flags of `molten serve`; defaults come from ServeSettings."""
-    from molten.config import DTYPES
+    from molten.config import DTYPES, SPECULATIVE_METHODS
     from molten.deployments.settings import MODES, ServeSettings
 
     defaults = ServeSettings()
@@ -120,6 +120,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults.max_model_len,
         help="context window in tokens (default: the model's own, at most 8192)",
+    )
+    parser.add_argument(
+        "--speculative",
+        choices=SPECULATIVE_METHODS,
+        default=defaults.speculative.method,
+        help="speculative decoding: ngram (prompt lookup) or draft (a self-draft of the model's "
+        "first layers) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=defaults.speculative.num_speculative_tokens,
+        help="draft tokens proposed per sequence per step with --speculative (default: %(default)s)",
     )
 
 

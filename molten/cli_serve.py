@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from molten.config import CacheConfig, ConfigError
+from molten.config import CacheConfig, ConfigError, SpeculativeConfig
 
 if TYPE_CHECKING:
     from molten.deployments.settings import ServeSettings
@@ -76,6 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         worker_num_threads=args.threads,
         max_model_len=args.max_model_len,
         cache=cache,
+        speculative=SpeculativeConfig(method=args.speculative, num_speculative_tokens=args.num_speculative_tokens),
     )
     settings.validate()
     return settings
