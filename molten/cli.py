@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_models_parser(subcommands)
     _add_bench_parser(subcommands)
+    _add_experiment_parser(subcommands)
     return parser
 
 
@@ -165,7 +166,7 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_models_parser(subcommands: argparse._SubParsersAction) -> None:
-    models = subcommands.add_parser("models", help="list and fetch models")
+    models = subcommands.add_parser("models", help="list and fetch models; load, unload and swap them on a server")
     models.set_defaults(run=lambda args: _print_help_and_fail(models))
     model_commands = models.add_subparsers(title="models commands", metavar="COMMAND")
 
@@ -192,6 +193,10 @@ def _add_models_parser(subcommands: argparse._SubParsersAction) -> None:
     )
     fetch.set_defaults(run=_run_models_fetch)
 
+    from molten.cli_models import add_manager_commands
+
+    add_manager_commands(model_commands)
+
 
 def _add_bench_parser(subcommands: argparse._SubParsersAction) -> None:
     from molten.bench.cli import add_arguments
@@ -203,6 +208,22 @@ def _add_bench_parser(subcommands: argparse._SubParsersAction) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from molten.bench.cli import main
+
+    return main(args)
+
+
+def _add_experiment_parser(subcommands: argparse._SubParsersAction) -> None:
+    from molten.experiments.cli import add_arguments
+
+    experiment = subcommands.add_parser(
+        "experiment", help="run a learning-path stage, and list, compare, export and import its records"
+    )
+    add_arguments(experiment)
+    experiment.set_defaults(run=_run_experiment)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from molten.experiments.cli import main
 
     return main(args)
 
