@@ -26,10 +26,10 @@ class TokenEvent:
     batch_size: int
     """Number of sequences in the engine step that produced the token."""
     origin: str
-    """How the token was produced: `prefill` (first token, sampled after the prompt),
-    `decode` (one target step, one token), or with speculative decoding `draft-accepted`
-    (a draft the target verified), `recovered` (sampled in place of the first rejected
-    draft) or `bonus` (sampled after every draft was accepted)."""
+    """How the token was produced: `prefill` (first token, sampled after the prompt) or
+    `decode` (one target step, one token). Speculative decoding adds `draft-accepted` (a
+    draft the target verified), `recovered` (sampled in place of the first rejected draft)
+    and `bonus` (sampled after every draft was accepted)."""
     index: int
     """Position of the token among this sequence's generated tokens, from 0."""
     finish_reason: str | None = None

@@ -2,9 +2,9 @@
 
 The draft model has its own paged KV pool, block manager and `ModelRunner`, and keeps a
 shadow `Sequence` per target sequence. Each step the shadow is brought in line with the
-target's verified tokens: the tokens the two share keep their draft KV, rejected drafts
-are cut off (with their blocks), and the new tokens are computed in the same forward
-that proposes the first draft. Then k - 1 single-token forwards propose the rest.
+target's verified tokens. The tokens the two share keep their draft KV, and rejected
+drafts are cut off with their blocks. The new tokens are computed in the same forward
+that proposes the first draft, then k - 1 single-token forwards propose the rest.
 
 The draft always proposes greedily (its argmax), so its distribution q is one-hot and
 the rejection sampler needs no draft probabilities. This keeps the target distribution

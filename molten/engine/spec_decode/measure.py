@@ -2,11 +2,11 @@
 
     python -m molten.engine.spec_decode.measure [--model M] [--new-tokens N] [--repeats R]
 
-It runs one input-grounded request (fix the spelling of a given paragraph, so the
-answer copies most of the prompt) through a fresh engine per setting, alternating the
-settings `repeats` times, and reports single-stream decode tokens/s, whether the greedy
-tokens equal those without speculation, and the acceptance statistics. For a draft
-model it also derives the break-even acceptance rate from the measured step times.
+It runs one input-grounded request through a fresh engine per setting, alternating the
+settings `repeats` times. The request asks to fix the spelling of a given paragraph, so
+the answer copies most of the prompt. It reports single-stream decode tokens/s, whether
+the greedy tokens equal those without speculation, and the acceptance statistics. For a
+draft model it also derives the break-even acceptance rate from the measured step times.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per setting")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per step")
     parser.add_argument("--draft-layers", type=int, default=6, help="self-draft depth in decoder layers")
+    parser.add_argument("--draft-model", default=None, help="also measure this draft model, e.g. smollm2-135m-instruct:int4")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         "ngram": SpeculativeConfig(method="ngram", num_speculative_tokens=args.k, ngram_min=1, ngram_max=4),
         "self-draft": SpeculativeConfig(method="draft", num_speculative_tokens=args.k, draft_num_layers=args.draft_layers),
     }
+    if args.draft_model:
+        settings["draft-model"] = SpeculativeConfig(method="draft", num_speculative_tokens=args.k, draft_model=args.draft_model)
     runs: dict[str, list[Run]] = {label: [] for label in settings}
     for _ in range(args.repeats):
         for label, speculative in settings.items():
@@ -153,17 +156,27 @@ def main(argv: list[str] | None = None) -> None:
               f"{len(label_runs[0].output_token_ids)} tokens, identical to off: {identical}")
         if label_runs[0].spec:
             print(f"{'':>12}acceptance {label_runs[0].spec}")
-    draft_runs = runs["self-draft"]
-    proposals = [(p, n) for r in draft_runs for p, n in zip(r.propose_ms, r.num_drafts) if n]
-    if proposals:
-        draft_ms_per_token = statistics.median(p / n for p, n in proposals)
-        verify_ms = statistics.median(s - p for r in draft_runs for s, p, n in zip(r.step_ms, r.propose_ms, r.num_drafts) if n)
-        ratio = (args.k * draft_ms_per_token + verify_ms) / off_step_ms
-        even = break_even_acceptance(ratio, args.k)
-        print(f"self-draft: plain step {off_step_ms:.1f} ms, draft {draft_ms_per_token:.1f} ms per token, "
-              f"verify step {verify_ms:.1f} ms (without drafting), cost ratio {ratio:.2f}, break-even acceptance "
-              + (f"{even:.2f}" if even is not None else "none (k+1 tokens per step cannot pay for the drafts)"))
+    for label in ("self-draft", "draft-model"):
+        if label in runs:
+            print(break_even_line(label, runs[label], off_step_ms, args.k))
 
+
+def break_even_line(label: str, draft_runs: list[Run], off_step_ms: float, num_drafts: int) -> str:
+    """Describe the measured draft and verify costs and the acceptance rate they need to pay off."""
+    proposals = [(p, n) for r in draft_runs for p, n in zip(r.propose_ms, r.num_drafts) if n]
+    if not proposals:
+        return f"{label}: no drafts were verified"
+    draft_ms_per_token = statistics.median(p / n for p, n in proposals)
+    verify_ms = statistics.median(
+        s - p for r in draft_runs for s, p, n in zip(r.step_ms, r.propose_ms, r.num_drafts) if n
+    )
+    ratio = (num_drafts * draft_ms_per_token + verify_ms) / off_step_ms
+    even = break_even_acceptance(ratio, num_drafts)
+    verdict = f"{even:.2f}" if even is not None else "none (k + 1 tokens per step cannot pay for the drafts)"
+    return (
+        f"{label}: plain step {off_step_ms:.1f} ms, draft {draft_ms_per_token:.1f} ms per token, "
+        f"verify step {verify_ms:.1f} ms, cost ratio {ratio:.2f}, break-even acceptance {verdict}"
+    )
 
 if __name__ == "__main__":
     main()

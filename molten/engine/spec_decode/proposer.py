@@ -1,4 +1,4 @@
-"""Build the drafter a `SpeculativeConfig` asks for, and choose which sequences draft each step."""
+"""Build the drafter that a `SpeculativeConfig` selects, and choose which sequences draft each step."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ class Drafter(Protocol):
 def build_drafter(config: SpeculativeConfig, loaded_model, num_kv_blocks: int, kv_block_size: int) -> Drafter | None:
     """Return the drafter for `config`, or None when speculation is off.
 
-    `loaded_model` is the target's `LoadedModel`. A separate draft model is loaded with
-    the target's dtype and must have the same vocabulary.
+    `loaded_model` is the target's `LoadedModel`. A separate draft model loads in the
+    precision its id names (float32 without a `:<precision>` suffix) and must have the
+    target's vocabulary.
     """
     if config.method == "none":
         return None
@@ -40,8 +41,7 @@ def build_drafter(config: SpeculativeConfig, loaded_model, num_kv_blocks: int, k
     else:
         from molten.models import load_model
 
-        dtype = next(target.parameters()).dtype
-        loaded_draft = load_model(config.draft_model, dtype=dtype)
+        loaded_draft = load_model(config.draft_model)
         if loaded_draft.model.config.vocab_size != target.config.vocab_size:
             raise ConfigError(
                 "draft_model",

@@ -60,5 +60,5 @@ def test_bundled_spec_alone_and_batched(bundled_model, prompts_and_references, m
         use_transformers_attention(bundled_model.model)
     assert alone_stats["num_draft_tokens"] > 0
     if method == "ngram":
-        # The grounded prompt asks to copy a paragraph, so most n-gram drafts must pass.
+        # The grounded prompt requests a copy of a paragraph, so most n-gram drafts must pass.
         assert alone_stats["acceptance_rate"] > 0.5
