@@ -31,6 +31,7 @@ from molten.ui.chat import (  # noqa: E402
     parse_stop_strings,
     summarize_exception,
 )
+from molten.ui.experiments_tab import build_experiments_tab  # noqa: E402
 from molten.ui.live_panel import LivePanel  # noqa: E402
 from molten.ui.stats import ReplyStats, format_stats_markdown  # noqa: E402
 from molten.ui.timeline_view import token_timeline_frame  # noqa: E402
@@ -280,6 +281,8 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
                         label="stop strings, one per line (\\n = newline)", lines=2, max_lines=4
                     )
             LivePanel(controller.handle)
+
+        build_experiments_tab()
 
         with gr.Tab("Server"):
             gr.Markdown(format_dashboard_markdown(settings_info.get("ray_dashboard"), dashboard_access_lines()))
