@@ -423,31 +423,36 @@ class ModelManager:
         if budget["budget_bytes"] is None:
             return
         free = budget["free_bytes"]
-        evicted = []
-        while free < needed_bytes:
-            idle = [
+        idle = sorted(
+            (
                 record for record in self.records.values()
-                if record.state == "ready" and record.in_flight == 0
-                and record.model_id != exclude
-            ]
-            if not idle:
+                if record.state == "ready" and record.in_flight == 0 and record.model_id != exclude
+            ),
+            key=lambda record: record.last_used,
+        )
+        # Evict only when evicting can make enough room: a load that cannot fit anyway is
+        # rejected without unloading anything.
+        victims = []
+        for record in idle:
+            if free >= needed_bytes:
                 break
-            victim = min(idle, key=lambda record: record.last_used)
-            logger.info("memory budget: unloading idle model %s (last used %.0f s ago)", victim.model_id, time.time() - victim.last_used)
-            freed = victim.total_bytes
-            await self._unload(victim, reason="evicted")
-            evicted.append(victim.model_id)
-            free += freed
+            victims.append(record)
+            free += record.total_bytes
         if free < needed_bytes:
             raise ManagerError(
                 507,
                 f"not enough memory under the budget: the model needs about {needed_bytes / 2**20:.0f} MiB and "
-                f"{max(0, free) / 2**20:.0f} MiB of the {budget['budget_bytes'] / 2**20:.0f} MiB budget is free"
-                + (f" after unloading {', '.join(evicted)}" if evicted else "")
-                + ". Unload a model, or raise memory_budget_mib",
+                f"{max(0, budget['free_bytes']) / 2**20:.0f} MiB of the {budget['budget_bytes'] / 2**20:.0f} MiB "
+                f"budget is free ({(free - budget['free_bytes']) / 2**20:.0f} MiB more if every idle model were "
+                "unloaded). Unload a model, or raise memory_budget_mib",
                 "insufficient_memory",
                 "model",
             )
+        for victim in victims:
+            logger.info(
+                "memory budget: unloading idle model %s (last used %.0f s ago)", victim.model_id, time.time() - victim.last_used
+            )
+            await self._unload(victim, reason="evicted")
 
     async def _run_load(self, record: ModelRecord, swap_of: str | None) -> None:
         started = time.perf_counter()

@@ -123,6 +123,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="context window in tokens (default: the model's own, at most 8192)",
     )
     parser.add_argument(
+        "--memory-budget-mib",
+        type=int,
+        default=defaults.manager.memory_budget_mib,
+        help="memory all loaded models may use together, in MiB; a load past it unloads idle models "
+        "(least recently used first) or is rejected (default: no budget)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=defaults.manager.drain_timeout_s,
+        help="seconds an unload or swap waits for running streams to finish (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--load-wait-timeout",
+        type=float,
+        default=defaults.manager.load_wait_timeout_s,
+        help="seconds a request for a loading model waits before it gets 503 with Retry-After (default: %(default)s)",
+    )
+    parser.add_argument(
         "--speculative",
         choices=SPECULATIVE_METHODS,
         default=defaults.speculative.method,

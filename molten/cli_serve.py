@@ -42,6 +42,9 @@ SETTING_FLAGS = {
     "num_threads": "--threads",
     "kv_cache_memory_mib": "--kv-cache-mib",
     "max_model_len": "--max-model-len",
+    "memory_budget_mib": "--memory-budget-mib",
+    "drain_timeout_s": "--drain-timeout",
+    "load_wait_timeout_s": "--load-wait-timeout",
 }
 """Command-line flag of each setting a ConfigError can name."""
 
@@ -61,9 +64,14 @@ def show(message: str) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """Build validated ServeSettings from `molten serve` arguments. Raises ConfigError."""
-    from molten.deployments.settings import ServeSettings
+    from molten.deployments.settings import ManagerSettings, ServeSettings
 
     cache = CacheConfig(kv_cache_memory_mib=args.kv_cache_mib)
+    manager = ManagerSettings(
+        memory_budget_mib=args.memory_budget_mib,
+        drain_timeout_s=args.drain_timeout,
+        load_wait_timeout_s=args.load_wait_timeout,
+    )
     settings = ServeSettings(
         model=args.model,
         dtype=args.dtype,
@@ -76,6 +84,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         worker_num_threads=args.threads,
         max_model_len=args.max_model_len,
         cache=cache,
+        manager=manager,
         speculative=SpeculativeConfig(method=args.speculative, num_speculative_tokens=args.num_speculative_tokens),
     )
     settings.validate()
@@ -167,8 +176,8 @@ def deploy(settings: ServeSettings) -> None:
 
     workers = "one co-located worker" if settings.mode == "colocated" else "a prefill and a decode worker"
     show(
-        f"Deploying {workers} for {settings.model} with {settings.num_threads} torch thread(s) per worker, "
-        f"and the HTTP ingress on {settings.host}:{settings.http_port}"
+        f"Deploying the HTTP ingress on {settings.host}:{settings.http_port} and the model manager, which loads "
+        f"{settings.model} into {workers} with {settings.num_threads} torch thread(s) per worker"
     )
     try:
         with report_while_running("Deploying the Serve application"):
@@ -268,6 +277,9 @@ def settings_info(settings: ServeSettings, api_base: str, dashboard: str) -> dic
         "kv_block_size": settings.cache.kv_block_size,
         "max_model_len": settings.max_model_len or "model default",
         "default_max_tokens": settings.default_max_tokens or "endpoint default (chat 512, completions 16)",
+        "memory_budget_mib": settings.manager.memory_budget_mib or "no budget",
+        "drain_timeout_s": settings.manager.drain_timeout_s,
+        "load_wait_timeout_s": settings.manager.load_wait_timeout_s,
     }
 
 
@@ -350,8 +362,12 @@ def stop_everything(settings: ServeSettings, blocks) -> None:
     if not ray.is_initialized():
         return
     if settings.address:
+        from molten.deployments.app import model_app_names
+
         try:
-            serve.delete(settings.app_name)
+            # The manager's per-model applications are separate from Molten's own: delete them too.
+            for app_name in [settings.app_name, *model_app_names(settings.app_name)]:
+                serve.delete(app_name)
         finally:
             ray.shutdown()
     else:

@@ -33,6 +33,7 @@ from molten.ui.chat import (  # noqa: E402
 )
 from molten.ui.experiments_tab import build_experiments_tab  # noqa: E402
 from molten.ui.live_panel import LivePanel  # noqa: E402
+from molten.ui.models_tab import build_models_tab  # noqa: E402
 from molten.ui.stats import ReplyStats, format_stats_markdown  # noqa: E402
 from molten.ui.timeline_view import token_timeline_frame  # noqa: E402
 
@@ -283,6 +284,7 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
             LivePanel(controller.handle)
 
         build_experiments_tab()
+        build_models_tab(controller.handle)
 
         with gr.Tab("Server"):
             gr.Markdown(format_dashboard_markdown(settings_info.get("ray_dashboard"), dashboard_access_lines()))

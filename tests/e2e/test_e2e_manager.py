@@ -199,6 +199,9 @@ def test_budget_evicts_idle_then_rejects(client):
         message = rejected.json()["error"]["message"]
         assert f"needs about {llama_bytes / 2**20:.0f} MiB" in message
         assert "free" in message
+        # A load that cannot fit even after evicting every idle model unloads nothing.
+        assert record_of(client, QWEN)["state"] == "ready"
+        assert record_of(client, f"{LLAMA}:fp32")["state"] == "ready"
     finally:
         client.put("/v1/molten/models/budget", json={"memory_budget_mib": None})
     load(client, LLAMA, mode="colocated")
