@@ -9,7 +9,7 @@ The costs come from shapes and precision, not from counters:
   sequence (positions 0 .. end-1) once per step, `kv_bytes_per_token` each.
 - FLOPs: 2 per multiply-add. Linear layers cost 2 * in * out per token; attention costs
   4 * heads * head_dim per (query, key) pair per layer (QK^T and the weighted sum of V),
-  with causal masking, so a query at position p sees p + 1 keys. The LM head costs
+  with causal masking, so a query at position p attends to p + 1 keys. The LM head costs
   2 * hidden * vocab per logits row.
 
 Achieved bandwidth is (weight bytes + KV bytes read) / step time, and the achieved FLOP
@@ -129,7 +129,7 @@ class StepRecord:
 
 @dataclass
 class _PendingStep:
-    """What a step's record needs from before the update moves `num_computed_tokens` on."""
+    """A step's record, filled in before the update moves `num_computed_tokens` on."""
 
     started: float
     record: StepRecord
@@ -173,7 +173,7 @@ class StepStatsRecorder:
             num_draft = getattr(item, "num_draft_tokens", 0)
             num_tokens += item.num_new_tokens
             kv_tokens_read += end
-            # Causal attention: the query at position p sees p + 1 keys.
+            # Causal attention: the query at position p attends to p + 1 keys.
             attention_pairs += (end * (end + 1) - start * (start + 1)) // 2
             if end == seq.num_tokens:
                 num_logits_rows += 1 + num_draft

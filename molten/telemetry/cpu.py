@@ -2,9 +2,9 @@
 
 Molten's processes (engine workers, the ingress, the telemetry actor itself) register by
 pid. A registered process that has exited is dropped at the next read. Engine workers
-also report the bytes of the tensors they hold (weights and the KV pool); their sum is
-the sample's `torch_allocated_bytes`, because torch keeps no allocation counter for CPU
-memory.
+also report the bytes of their tensors (weights and the KV pool). Torch keeps no
+allocation counter for CPU memory, so the sum of those reports is the sample's
+`torch_allocated_bytes`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class MoltenProcess:
     """Actor name as shown in the Ray dashboard, e.g. `molten:decode:smollm2-135m-instruct`."""
     pid: int
     torch_allocated_bytes: int | None = None
-    """Bytes of the tensors the process holds (weights and KV pool); None for processes without a model."""
+    """Bytes of the process's tensors (weights and KV pool), or None for a process without a model."""
     process: psutil.Process | None = field(default=None, repr=False)
 
 
@@ -53,7 +53,7 @@ class CpuReader:
             return list(self._processes.values())
 
     def read(self) -> dict:
-        """One CPU reading: utilization, system memory, torch bytes and each live Molten process."""
+        """Read CPU utilization, system memory, torch bytes and each live Molten process once."""
         memory = psutil.virtual_memory()
         actors = []
         torch_bytes = None

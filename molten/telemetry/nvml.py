@@ -1,8 +1,8 @@
 """GPU readings through NVML (the `pynvml` module of nvidia-ml-py), one field at a time.
 
-Every query is wrapped on its own: a query the GPU does not support, a GPU that fell off
-the bus or a driver that went away sets that field to None and records the NVML message
-under the field's name in the device's `errors`. Nothing here raises after `open()`.
+Every query is wrapped on its own. When a query fails (the GPU does not support it, the
+GPU fell off the bus, the driver went away), that field is None and the device's
+`errors` maps the field's name to the NVML message. Nothing here raises after `open()`.
 
 Units follow the telemetry sample: bytes, bytes/s, percent, MHz, watts, degrees Celsius.
 NVML itself reports power in milliwatts and PCIe throughput in KB/s (taken as 1024
@@ -35,7 +35,7 @@ GPU_FIELDS = (
 
 
 class NvmlUnavailableError(RuntimeError):
-    """NVML could not start or sees no GPU; the message says why."""
+    """NVML failed to start or found no GPU. The message gives the reason."""
 
 
 def import_pynvml():
@@ -87,7 +87,7 @@ class NvmlReader:
         return self._handles[index]
 
     def read(self) -> list[dict]:
-        """One reading per GPU, each with every field of GPU_FIELDS (None where it failed) and `errors`."""
+        """Read every GPU once: each reading has every field of GPU_FIELDS (None where it failed) and `errors`."""
         return [self.read_device(index) for index in range(self.num_gpus)]
 
     def read_device(self, index: int) -> dict:

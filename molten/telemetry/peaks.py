@@ -26,7 +26,7 @@ class Peaks:
     bandwidth_bytes_per_s: float | None
     flops_per_s: float | None
     source: str
-    """How the values were found: `setting`, `measured ...`, `measuring`, or why they are unknown."""
+    """Origin of the values: `setting`, `measured ...`, `measuring`, or the reason they are unknown."""
 
     def to_dict(self) -> dict:
         return {

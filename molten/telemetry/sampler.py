@@ -1,7 +1,7 @@
 """The telemetry sampler: reads NVML (or CPU and memory) on an interval into a ring buffer.
 
 `TelemetrySampler` picks its source once, at start. With NVML and at least one GPU the
-source is "nvml" and each sample holds one reading per GPU. Otherwise the source is
+source is "nvml" and each sample contains one reading per GPU. Otherwise the source is
 "cpu", the reason is logged once and kept as the `notice` every snapshot carries, and
 `gpus` stays empty. CPU, memory and per-process RSS are read in both cases.
 
@@ -88,7 +88,7 @@ class TelemetrySampler:
             self.nvml_reader.close()
 
     def snapshot(self, since: float | None = None) -> dict:
-        """The telemetry view: source, notice, interval and the samples taken after `since` (unix seconds)."""
+        """Return the telemetry view: source, notice, interval and the samples taken after `since` (unix seconds)."""
         return {
             "source": self.source,
             "notice": self.notice,

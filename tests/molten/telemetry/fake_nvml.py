@@ -1,6 +1,6 @@
 """A stand-in for the `pynvml` module: the same function names, constants and error class.
 
-Each fake GPU holds its readings in NVML's own units (milliwatts, KB/s) and a map from
+Each fake GPU keeps its readings in NVML's own units (milliwatts, KB/s) and a map from
 function name to the NVML error code that function raises, so a test can make one query
 unsupported or a whole GPU lost.
 """

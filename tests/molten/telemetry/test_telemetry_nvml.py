@@ -70,14 +70,14 @@ def test_nvml_lost_gpu_keeps_other_gpus():
     reader = NvmlReader(FakeNvml([FakeGpu(), lost]))
     reader.open()
 
-    healthy, gone = reader.read()
+    healthy, lost_reading = reader.read()
 
     assert healthy["errors"] == {}
     assert healthy["power_w"] == pytest.approx(312.5)
-    assert gone["index"] == 1
+    assert lost_reading["index"] == 1
     for name in GPU_FIELDS:
-        assert gone[name] is None, name
-        assert "GPU is lost" in gone["errors"][name], name
+        assert lost_reading[name] is None, name
+        assert "GPU is lost" in lost_reading["errors"][name], name
 
 
 def test_nvml_gpu_lost_after_start_then_back():

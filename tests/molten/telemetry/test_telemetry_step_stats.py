@@ -97,7 +97,7 @@ def test_step_records_prefill_then_decode(tiny_llama):
     assert last_chunk.kv_bytes_read == 12 * cost.kv_bytes_per_token
     assert decode.kv_bytes_read == 13 * cost.kv_bytes_per_token
     assert decode.kv_bytes_written == cost.kv_bytes_per_token
-    # Positions 8..11 see 9..12 keys; the decode token at position 12 sees 13.
+    # Positions 8..11 attend to 9..12 keys, and the decode token at position 12 to 13.
     assert last_chunk.flops == (
         4 * cost.linear_flops_per_token + (9 + 10 + 11 + 12) * cost.attention_flops_per_pair + cost.lm_head_flops_per_row
     )
@@ -130,11 +130,12 @@ def test_step_record_rates_and_ids(tiny_llama):
 
 
 def test_step_history_keeps_newest_or_none(tiny_llama):
-    kept = make_engine(tiny_llama, step_history=2)
-    kept.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    short_history = make_engine(tiny_llama, step_history=2)
+    short_history.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     off = make_engine(tiny_llama, step_history=0)
     off.generate([[5, 6, 7]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
 
-    assert [r.step_id for r in kept.step_stats.records_after(None)] == [kept.num_steps - 1, kept.num_steps]
+    kept_ids = [r.step_id for r in short_history.step_stats.records_after(None)]
+    assert kept_ids == [short_history.num_steps - 1, short_history.num_steps]
     assert off.step_stats.records_after(None) == []
     assert off.step_stats.last() is None

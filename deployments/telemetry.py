@@ -1,0 +1,93 @@
+"""The `molten:telemetry` actor: samples NVML or CPU and memory on an interval, and keeps the roofline peaks.
+
+One actor serves a Ray cluster (it is created with `get_if_exists`, so every Molten
+application shares it). Engine workers and the ingress register their pids with it, so
+the CPU view can show each Molten actor's RSS. The actor reads only its own node.
+
+The actor is owned by the process that created it (`molten serve`, or a test), and
+exits with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import ray
+
+from molten.telemetry import Peaks, TelemetryConfig, TelemetrySampler, resolve_peaks
+
+logger = logging.getLogger(__name__)
+
+TELEMETRY_ACTOR_NAME = "molten:telemetry"
+TELEMETRY_NAMESPACE = "molten"
+"""Ray namespace of the actor, so Serve replicas (which run in Serve's namespace) find it by name."""
+
+
+@ray.remote
+class TelemetryActor:
+    def __init__(self, config: TelemetryConfig):
+        self.config = config
+        self.sampler = TelemetrySampler(config)
+        self.sampler.cpu.register(TELEMETRY_ACTOR_NAME, os.getpid())
+        self.sampler.start()
+        self._peaks = Peaks(config.peak_bandwidth_bytes_per_s, config.peak_flops_per_s, "measuring")
+        threading.Thread(target=self._find_peaks, name="molten-telemetry-peaks", daemon=True).start()
+
+    def _find_peaks(self) -> None:
+        device = "cpu"
+        if self.sampler.source == "nvml":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self._peaks = resolve_peaks(self.config, device)
+        except Exception as exc:
+            logger.exception("measuring the roofline peaks on %s failed", device)
+            self._peaks = Peaks(
+                self.config.peak_bandwidth_bytes_per_s,
+                self.config.peak_flops_per_s,
+                f"measurement failed ({exc}); set peak_bandwidth_bytes_per_s and peak_flops_per_s",
+            )
+
+    def register_process(self, name: str, pid: int, torch_allocated_bytes: int | None = None) -> None:
+        self.sampler.cpu.register(name, pid, torch_allocated_bytes)
+
+    def snapshot(self, since: float | None = None) -> dict:
+        return self.sampler.snapshot(since)
+
+    def peaks(self) -> dict:
+        return self._peaks.to_dict()
+
+
+def start_telemetry_actor(config: TelemetryConfig | None = None):
+    """Return the cluster's telemetry actor, creating it with `config` if it does not exist yet."""
+    config = config or TelemetryConfig()
+    config.validate()
+    return TelemetryActor.options(
+        name=TELEMETRY_ACTOR_NAME,
+        namespace=TELEMETRY_NAMESPACE,
+        get_if_exists=True,
+        num_cpus=config.num_cpus,
+        # Snapshots, registrations and peak requests run on threads next to the sampler,
+        # so a slow snapshot never delays a registration.
+        max_concurrency=4,
+    ).remote(config)
+
+
+def find_telemetry_actor():
+    """Return the running telemetry actor, or None when none was started."""
+    try:
+        return ray.get_actor(TELEMETRY_ACTOR_NAME, namespace=TELEMETRY_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def register_with_telemetry(name: str, torch_allocated_bytes: int | None = None) -> None:
+    """Ask the telemetry actor to watch this process; log and go on when there is none."""
+    actor = find_telemetry_actor()
+    if actor is None:
+        logger.info("no %s actor is running, so %s (pid %d) is not watched", TELEMETRY_ACTOR_NAME, name, os.getpid())
+        return
+    actor.register_process.remote(name, os.getpid(), torch_allocated_bytes)
