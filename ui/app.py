@@ -97,7 +97,7 @@ def _header_markdown(settings_info: Mapping[str, Any]) -> str:
     if settings_info.get("api_base"):
         lines.append(f"OpenAI-compatible API: `{settings_info['api_base']}`.")
     if settings_info.get("ray_dashboard"):
-        lines.append(f"[Ray dashboard]({settings_info['ray_dashboard']}) (see the Server tab for its token).")
+        lines.append(f"[Ray dashboard]({settings_info['ray_dashboard']}) (the Server tab says how to sign in).")
     return " ".join(lines)
 
 
@@ -108,7 +108,8 @@ def format_dashboard_markdown(dashboard_url: str | None, access_lines: list[str]
     return "\n".join([
         "### Ray dashboard",
         f"Open [{dashboard_url}]({dashboard_url}) to see the actors (`molten:prefill:<model>`, "
-        "`molten:decode:<model>`, `molten:ingress`), their logs, CPU and memory.",
+        "`molten:decode:<model>` or `molten:colocated:<model>`, `molten:ingress`, `molten:telemetry`, "
+        "`molten:model-manager`), their logs, CPU and memory.",
         "",
         " ".join(access_lines),
     ])

@@ -173,9 +173,19 @@ def render_worker_kv_html(state: Mapping[str, Any]) -> str:
 
 
 def render_kv_html(kv: Mapping[str, Any] | None, error: str | None = None) -> str:
-    """Render every worker's KV cache from `MoltenIngress.kv_state()`, or the reason it is unavailable."""
+    """Render every worker's KV cache from `MoltenIngress.kv_state()`, or the reason it is unavailable.
+
+    With several models served (`kv["models"]`), each model's workers get a heading.
+    """
     if error:
         return f"<p>⚠️ KV cache state unavailable: {html.escape(error)}</p>"
     if not kv or not kv.get("workers"):
         return "<p>No KV cache state yet.</p>"
-    return "".join(render_worker_kv_html(state) for state in kv["workers"])
+    models = kv.get("models") or []
+    if len(models) <= 1:
+        return "".join(render_worker_kv_html(state) for state in kv["workers"])
+    parts = []
+    for model in models:
+        parts.append(f"<h4>Model <code>{html.escape(str(model.get('model')))}</code> ({html.escape(str(model.get('mode')))})</h4>")
+        parts += [render_worker_kv_html(state) for state in model.get("workers") or []]
+    return "".join(parts)

@@ -166,6 +166,8 @@ def status_markdown(state: LiveState) -> str:
         f"Last poll {stamp}: {len(state.telemetry_samples)} telemetry samples (last {TELEMETRY_WINDOW_S:.0f} s), "
         f"{state.num_steps} engine steps (last {TRACE_WINDOW_S:.0f} s)."
     ]
+    if state.telemetry_notice:
+        lines.append(f"ℹ️ {state.telemetry_notice}")
     for view, message in state.errors.items():
         lines.append(f"⚠️ {view} unavailable: {message}")
     return "\n\n".join(lines)

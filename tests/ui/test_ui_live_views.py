@@ -422,3 +422,19 @@ def test_ray_task_error_shows_cause():
     error = RayTaskError("handle_request", "Traceback ...", cause, proctitle="\x1b[36mray::ServeReplica\x1b[39m")
     assert summarize_exception(error) == "ValueError: Tried to call a method 'telemetry' that does not exist."
     assert summarize_exception(RuntimeError("\x1b[36mred\x1b[39m\nmore")) == "RuntimeError: red"
+
+
+def test_kv_html_heads_each_model():
+    kv = {"workers": [kv_worker()], "models": [
+        {"model": "tiny-random-llama", "mode": "disaggregated", "workers": [kv_worker("prefill"), kv_worker()]},
+        {"model": "smollm2-135m-instruct", "mode": "colocated", "workers": [kv_worker("colocated")]},
+    ]}
+    text = render_kv_html(kv)
+    assert "Model <code>tiny-random-llama</code> (disaggregated)" in text
+    assert "Model <code>smollm2-135m-instruct</code> (colocated)" in text
+    assert text.count("blocks in use") == 3
+
+
+def test_status_shows_telemetry_notice():
+    state = LiveState(num_polls=1, poll_time=NOW, telemetry_notice="No NVIDIA GPU found: showing CPU and memory")
+    assert "ℹ️ No NVIDIA GPU found: showing CPU and memory" in status_markdown(state)
