@@ -6,8 +6,9 @@ Every engine mutation happens on that thread: callers submit commands through a 
 and await a future for the result.
 
 Streaming and error contract:
-- `generate()` and `decode_imported()` yield `TokenEvent`s for one sequence; the last
-  one has `finish_reason` set. Admission errors (`EmptyPromptError`,
+- `generate()` and `decode_imported()` yield `TokenEvent`s for one request; the last
+  event of each of its sequences (`n` of them, told apart by `seq_index`) has
+  `finish_reason` set. Admission errors (`EmptyPromptError`,
   `PromptTooLongError`, `QueueFullError`, `MemoryError`) are raised by the first
   `__anext__`, before any event.
 - If the consumer stops early (client disconnect, `aclose()`, task cancellation), the
@@ -110,6 +111,7 @@ class AsyncEngine:
                 logger.exception("%s step failed; failing %d in-flight requests", self.name, len(self._streams))
                 self._fail_all(exc)
                 continue
+            finished_request_ids: set[str] = set()
             for event in events:
                 stream = self._streams.get(event.request_id)
                 if stream is not None and not stream.put(event):
@@ -122,7 +124,11 @@ class AsyncEngine:
                     self.engine.abort_request(event.request_id)
                     continue
                 if event.finish_reason is not None:
-                    self._streams.pop(event.request_id, None)
+                    finished_request_ids.add(event.request_id)
+            # After routing the whole step: sibling sequences (n > 1) can finish in one step.
+            for request_id in finished_request_ids:
+                if request_id not in self.engine.sequences:
+                    self._streams.pop(request_id, None)
             elapsed = time.perf_counter() - started
             for listener in self.step_listeners:
                 try:
@@ -157,7 +163,7 @@ class AsyncEngine:
             self._streams[request_id] = stream
 
         await self._admit(add, request_id, stream)
-        async for event in self._consume(request_id, stream):
+        async for event in self._consume(request_id, stream, sampling_params.n):
             yield event
 
     async def prefill(
@@ -237,8 +243,10 @@ class AsyncEngine:
             self._submit(abort_if_admitted)
             raise
 
-    async def _consume(self, request_id: str, stream: _Stream) -> AsyncIterator[TokenEvent]:
+    async def _consume(self, request_id: str, stream: _Stream, num_seqs: int = 1) -> AsyncIterator[TokenEvent]:
+        """Yield the request's events until each of its `num_seqs` sequences has finished."""
         finished = False
+        num_unfinished = num_seqs
         try:
             while True:
                 item = await stream.queue.get()
@@ -246,7 +254,8 @@ class AsyncEngine:
                     finished = True
                     raise item
                 if item.finish_reason is not None:
-                    finished = True
+                    num_unfinished -= 1
+                    finished = num_unfinished == 0
                 yield item
                 if finished:
                     return

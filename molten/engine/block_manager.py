@@ -243,8 +243,15 @@ class BlockManager:
             if is_free != (block.ref_count == 0):
                 raise RuntimeError(f"block {block.block_id} free-list membership disagrees with ref_count")
 
+    @property
+    def num_saved_blocks(self) -> int:
+        """Blocks that sharing saves now: each extra reference to a block would otherwise be a copy."""
+        return sum(block.ref_count - 1 for block in self.blocks if block.ref_count > 1)
+
     def snapshot(self) -> dict:
         return {
+            "num_shared_blocks": sum(1 for block in self.blocks if block.ref_count > 1),
+            "num_saved_blocks": self.num_saved_blocks,
             "num_blocks": self.num_blocks,
             "num_free_blocks": self.num_free_blocks,
             "num_cached_free_blocks": self.num_cached_free_blocks,

@@ -156,6 +156,10 @@ class LLMEngine:
         self.sequences: dict[str, list[Sequence]] = {}
         self.outputs: dict[int, OutputProcessor] = {}
         self.prefilled: dict[str, Sequence] = {}
+        self.pending_forks: dict[int, int] = {}
+        self.num_forked_blocks_shared = 0
+        """KV blocks that forked sequences shared instead of holding their own copies (a running total)."""
+        """Sequences of `n > 1` requests still to fork off sequence 0 once its prompt is computed."""
         self.last_step: SchedulerOutput | None = None
         self.num_steps = 0
         self.step_stats = StepStatsRecorder(StepCostModel.from_model(self.model, spec.bytes_per_token), config.step_history)
@@ -185,8 +189,8 @@ class LLMEngine:
         """Queue a request. Raises EmptyPromptError, PromptTooLongError or QueueFullError."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        if sampling_params.n != 1:
-            raise ValueError("the engine takes one sequence per request; fan out n > 1 before adding")
+        if sampling_params.n != 1 and prefill_only:
+            raise ValueError("a prefill-only request takes one sequence; fan out n > 1 before adding")
         self.check_prompt(len(prompt_token_ids))
         seq = Sequence(
             request_id=request_id,
@@ -201,6 +205,8 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.sequences[request_id] = [seq]
         self.outputs[seq.seq_id] = OutputProcessor(self.tokenizer, seq)
+        if sampling_params.n > 1:
+            self.pending_forks[seq.seq_id] = sampling_params.n - 1
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks now; True if it was still in the engine."""
@@ -209,6 +215,7 @@ class LLMEngine:
             return False
         for seq in seqs:
             self.scheduler.remove(seq)
+            self.pending_forks.pop(seq.seq_id, None)
             if self.drafter is not None:
                 self.drafter.release(seq)
             self.prefilled.pop(request_id, None)
@@ -263,9 +270,53 @@ class LLMEngine:
             sampled = runner_output.sampled.get(seq.seq_id)
             if sampled is None:
                 continue
+            if seq.seq_id in self.pending_forks:
+                self._fork(seq, self.pending_forks.pop(seq.seq_id))
             origin = "prefill" if seq.num_output_tokens == 0 else "decode"
             events.append(self._append_token(seq, sampled, now, scheduler_output.step_id, batch_size, origin))
         return events
+
+    # -- parallel sampling (n > 1) -------------------------------------------------------
+
+    def _fork(self, parent: Sequence, num_children: int) -> None:
+        """Start `num_children` more sequences of the parent's request, sharing its prompt KV.
+
+        Called when the parent's prompt is computed, before its first token is appended.
+        Each child shares the parent's blocks by reference count except the block
+        holding the last prompt token. A child recomputes that token to sample its own
+        first token, so writing into a shared block would change the parent's KV. That
+        block is copied instead (copy-on-write, done at the fork). If no block is free
+        for the copy, the child starts without blocks and recomputes its whole prompt
+        (the prefix cache may still supply the full blocks).
+        """
+        size = self.block_manager.kv_block_size
+        last_index = (parent.num_prompt_tokens - 1) // size
+        shared = parent.block_table[:last_index]
+        siblings = self.sequences[parent.request_id]
+        for offset in range(1, num_children + 1):
+            seed = parent.sampling_params.seed
+            child = Sequence(
+                request_id=parent.request_id,
+                token_ids=list(parent.token_ids[: parent.num_prompt_tokens]),
+                num_prompt_tokens=parent.num_prompt_tokens,
+                sampling_params=parent.sampling_params,
+                arrival_time=parent.arrival_time,
+                priority=parent.priority,
+                seq_index=parent.seq_index + offset,
+                generator=make_generator(seed + offset if seed is not None else None),
+                num_cached_prompt_tokens=parent.num_cached_prompt_tokens,
+            )
+            copy_id = self.block_manager.allocate_block()
+            if copy_id is not None:
+                for block_id in shared:
+                    self.block_manager.ref_cached_block(block_id)
+                self.kv_cache.import_blocks([copy_id], self.kv_cache.export_blocks([parent.block_table[last_index]]))
+                child.block_table = list(shared) + [copy_id]
+                child.num_computed_tokens = parent.num_prompt_tokens - 1
+            self.scheduler.add(child, enforce_queue_limit=False)
+            siblings.append(child)
+            self.outputs[child.seq_id] = OutputProcessor(self.tokenizer, child)
+        self.num_forked_blocks_shared += len(shared) * num_children
 
     # -- speculative decoding -----------------------------------------------------------
 
@@ -386,7 +437,11 @@ class LLMEngine:
         self.scheduler.remove(seq)
         if self.drafter is not None:
             self.drafter.release(seq)
-        self.sequences.pop(seq.request_id, None)
+        siblings = self.sequences.get(seq.request_id, [])
+        if seq in siblings:
+            siblings.remove(seq)
+        if not siblings:
+            self.sequences.pop(seq.request_id, None)
         self.outputs.pop(seq.seq_id, None)
 
     # -- disaggregation -----------------------------------------------------------------
@@ -518,6 +573,7 @@ class LLMEngine:
             }
             for s in self.live_sequences()
         ]
+        state["saved_kv_bytes"] = self.block_manager.num_saved_blocks * self.kv_cache.spec.bytes_per_block
         state["num_waiting"] = len(self.scheduler.waiting)
         state["num_running"] = len(self.scheduler.running)
         return state
