@@ -9,8 +9,8 @@ packed batch: every scheduled sequence's new tokens laid end to end in one row
 2. attends each sequence's queries to that sequence's whole context, read back from
    the pool through its slot list.
 
-Decode tokens (one query each) are attended together with two batched matmuls over
-their contexts, gathered block by block and right-padded. Prefill chunks are attended
+Decode tokens (one query each) come first in the packed batch and are attended together
+with two batched matmuls over their contexts, gathered block by block and right-padded. Prefill chunks are attended
 one sequence at a time with SDPA; a chunk with no earlier context uses its fresh K/V
 directly with a causal mask.
 """
@@ -47,8 +47,8 @@ class AttentionMetadata:
     kv_cache: PagedKVCache
     slot_mapping: torch.Tensor
     """[num_tokens] slot each new token's K/V is written to."""
-    decode_token_index: torch.Tensor | None
-    """[num_decode] positions of decode tokens in the packed batch."""
+    num_decode_tokens: int
+    """Decode tokens (one query each), packed first: they are tokens [0, num_decode_tokens) of the batch."""
     decode_block_tables: torch.Tensor | None
     """[num_decode, max_blocks] block ids of each decode sequence's context, right-padded with block 0."""
     decode_mask: torch.Tensor | None
@@ -110,11 +110,12 @@ def paged_attention(
     scaling = scaling if scaling is not None else head_dim**-0.5
     out = q.new_empty(num_tokens, num_heads, head_dim)
 
-    if metadata.decode_token_index is not None:
-        dec_q = q[:, metadata.decode_token_index, :].transpose(0, 1)  # [B, heads, head_dim]
+    num_decode = metadata.num_decode_tokens
+    if num_decode:
+        dec_q = q[:, :num_decode, :].transpose(0, 1)  # [B, heads, head_dim]
         dec_k = gather_blocks(k_blocks, metadata.decode_block_tables)  # [B, context, kv_heads, head_dim]
         dec_v = gather_blocks(v_blocks, metadata.decode_block_tables)
-        out[metadata.decode_token_index] = decode_attention(dec_q, dec_k, dec_v, metadata.decode_mask, scaling)
+        out[:num_decode] = decode_attention(dec_q, dec_k, dec_v, metadata.decode_mask, scaling)
 
     for segment in metadata.prefill_segments:
         seg_q = q[:, segment.start : segment.end, :].unsqueeze(0)  # [1, heads, chunk, head_dim]
