@@ -3,7 +3,7 @@
 `ModelManager` is a Serve deployment named `molten:model-manager` inside the Molten
 application. It deploys each loaded model's engine workers as their own Serve
 applications, with no HTTP route (`<app>:<model>:prefill` and `...:decode`, or
-`...:colocated`), and deletes them on unload. The ingress asks it for a *lease* before
+`...:colocated`), and deletes them on unload. The ingress requests a *lease* from it before
 each request: the lease names the worker deployments that serve the requested model
 (after resolving aliases and A/B weights) and counts the request as in flight until the
 ingress releases it. Counting leases here, not in the workers, closes the race between
@@ -59,6 +59,16 @@ DEFAULT_RUNTIME_BYTES = 400 * 2**20
 """Estimated memory of one worker process before weights (Python, torch, Ray), used until a load measures it."""
 
 
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+"""Approximate bytes per weight at each precision, for estimating a model's size before it loads."""
+
+
+def _split_precision(spec: str) -> tuple[str, str]:
+    """Split `<model>:<precision>` into (model, precision); no suffix means fp32."""
+    base, _, suffix = spec.rpartition(":")
+    return (base, suffix) if base and suffix in PRECISIONS else (spec, "fp32")
+
+
 def roles_for_mode(mode: str) -> tuple[str, ...]:
     return ("colocated",) if mode == "colocated" else ("prefill", "decode")
 
@@ -88,7 +98,7 @@ class ModelRecord:
     model_id: str
     """Id clients send in `model`, e.g. `tiny-random-llama` or `smollm2-135m-instruct:int8`."""
     spec: str
-    """What the workers' `load_model` receives: catalog name, path or hub id, with any precision suffix."""
+    """Argument of the workers' `load_model`: catalog name, path or hub id, with any precision suffix."""
     mode: str
     state: str = "loading"
     error: str | None = None
@@ -403,16 +413,31 @@ class ModelManager:
         return record
 
     def _estimate_bytes(self, spec: str, mode: str) -> int:
-        """Estimate a model's memory from an earlier load of the same spec, or from the KV pools alone."""
+        """Estimate a model's memory before loading it, from earlier measurements in this manager.
+
+        The same spec loaded before: its measured size per worker. Otherwise: the runtime
+        measured in earlier workers before their weights arrived, plus the KV pool, plus the
+        weights of the same base model at another precision scaled by bytes per weight.
+        """
         num_workers = len(roles_for_mode(mode))
         for entry in reversed(self.cold_starts):
             if entry["spec"] == spec and entry.get("total_bytes"):
                 return entry["total_bytes"] // entry["num_workers"] * num_workers
-        # NOTE: the first load of a model does not know its weight size, so the estimate counts
-        # only the KV pools and the runtime; the budget is checked again with measured numbers
-        # once the workers are up (see _enforce_budget_after_load).
+        workers = [worker for record in self.records.values() for worker in record.workers]
+        runtime = (
+            sum(worker["rss_before_load_bytes"] for worker in workers) // len(workers) if workers else DEFAULT_RUNTIME_BYTES
+        )
         kv_pool = self.settings.cache.kv_cache_memory_mib * 2**20
-        return num_workers * (kv_pool + DEFAULT_RUNTIME_BYTES)
+        base, precision = _split_precision(spec)
+        weights = 0
+        for record in self.records.values():
+            other_base, other_precision = _split_precision(record.spec)
+            if other_base == base and record.workers:
+                weights = int(record.workers[0]["weight_bytes"] * BYTES_PER_WEIGHT[precision] / BYTES_PER_WEIGHT[other_precision])
+        # NOTE: a model never loaded here, at any precision, is estimated without its weights;
+        # the budget is checked again with measured numbers once its workers are up
+        # (see _enforce_budget_after_load).
+        return num_workers * (runtime + kv_pool + weights)
 
     async def _make_room(self, needed_bytes: int, exclude: str | None = None) -> None:
         """Unload idle models, least recently used first, until `needed_bytes` fit the budget. Raises ManagerError 507.

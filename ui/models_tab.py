@@ -32,7 +32,7 @@ def _mib(num_bytes: int | None) -> float | None:
 
 
 def models_frame(status: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per model the manager tracks: state, load progress, memory ledger and cold-start time."""
+    """Build one row per model the manager tracks: state, load progress, memory ledger and cold-start time."""
     rows = []
     for record in status.get("models", []):
         memory = record["memory"]
@@ -49,7 +49,7 @@ def models_frame(status: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def cold_starts_frame(status: Mapping[str, Any]) -> pd.DataFrame:
-    """Every load so far, newest first: load request → workers up, and → first token."""
+    """Build one row per load so far, newest first: load request → workers up, and → first token."""
     rows = [
         (entry["model_id"], entry["mode"], entry["load_seconds"], entry["cold_start_seconds"],
          _mib(entry["total_bytes"]), entry.get("swap_of") or "")
@@ -59,7 +59,7 @@ def cold_starts_frame(status: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def memory_markdown(status: Mapping[str, Any]) -> str:
-    """The budget line, the system view (RSS of Molten's processes, GPU memory) and the aliases."""
+    """Render the budget line, the system view (RSS of Molten's processes, GPU memory) and the aliases."""
     budget = status.get("memory", {})
     used = _mib(budget.get("used_bytes")) or 0
     if budget.get("budget_bytes") is None:
