@@ -87,7 +87,7 @@ class LivePanel:
                     y="tokens",
                     color="part",
                     title="Tokens computed per engine step (prefill chunks and decode batch)",
-                    x_title="seconds (0 = last poll)",
+                    x_title="step end, seconds (0 = last poll)",
                     y_title="tokens in the step",
                     color_title="worker: tokens",
                     tooltip=["worker", "step_id", "seconds", "duration_ms", "batch_size", "part", "tokens", "ran"],

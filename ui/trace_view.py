@@ -1,7 +1,7 @@
 """Scheduler trace and roofline of the playground, from the engine steps the ingress reports.
 
 The input follows `MoltenIngress.steps()`: `{"peaks": {...}, "workers": {role: [step, ...]}}`.
-Each step records when it ran (`time`, unix seconds) and how long (`duration_ms`). It also
+Each step records when it ended (`time`, unix seconds) and how long it took (`duration_ms`). It also
 records what it computed (prefill chunks per request, the decode batch, preemptions) and
 what that cost (`flops`, bytes of weights and KV read, the achieved rates). This module has
 no Gradio import. The roofline is a matplotlib figure built without pyplot, so no GUI
@@ -23,12 +23,15 @@ STEP_TABLE_COLUMNS = (
     "step",
     "seconds ago",
     "duration (ms)",
+    "forward (ms)",
     "batch size",
     "prefill chunks (request: tokens)",
     "decode batch (requests)",
     "preempted",
     "GB/s",
     "GFLOP/s",
+    "bandwidth utilization (%)",
+    "FLOP utilization (%)",
 )
 
 ROOFLINE_COLORS = {"prefill": "#f28e2b", "decode": "#4e79a7", "colocated": "#59a14f"}
@@ -46,13 +49,15 @@ def describe_step(step: Mapping[str, Any]) -> str:
     preempted = int(step.get("num_preemptions") or 0)
     if preempted:
         parts.append(f"{preempted} preempted")
+    for admitted in step.get("admitted") or []:
+        parts.append(f"admitted {admitted['request_id']} after {float(admitted['queue_ms']):.1f} ms in the queue")
     return "; ".join(parts) or "nothing scheduled"
 
 
 def trace_frame(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now: float) -> pd.DataFrame:
     """Build the scheduler trace: per step, one row for its prefill tokens and one for its decode tokens.
 
-    x (`seconds`) is the step's time relative to `now` (unix seconds), so steps of every
+    x (`seconds`) is the step's end time relative to `now` (unix seconds), so steps of every
     worker share one clock. `part` names the worker and the kind of tokens, the plot's color.
     A step that only preempted still gets a row (0 tokens), so its preemption shows in the tooltip.
     """
@@ -75,7 +80,7 @@ def trace_frame(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now:
     })
 
 
-def _rate(value: Any, scale: float) -> float | None:
+def _rounded(value: Any, scale: float) -> float | None:
     return None if value is None else round(float(value) / scale, 2)
 
 
@@ -91,12 +96,15 @@ def steps_table(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now:
                 int(step["step_id"]),
                 round(now - float(step["time"]), 2),
                 round(float(step.get("duration_ms") or 0.0), 2),
+                _rounded(step.get("forward_ms"), 1.0),
                 int(step.get("batch_size") or 0),
                 ", ".join(f"{chunk['request_id']}: {chunk['num_tokens']}" for chunk in chunks),
                 f"{len(decode_ids)}: {', '.join(decode_ids)}" if decode_ids else "",
                 int(step.get("num_preemptions") or 0),
-                _rate(step.get("achieved_bandwidth_bytes_per_s"), 1e9),
-                _rate(step.get("achieved_flops_per_s"), 1e9),
+                _rounded(step.get("achieved_bandwidth_bytes_per_s"), 1e9),
+                _rounded(step.get("achieved_flops_per_s"), 1e9),
+                _rounded(step.get("bandwidth_utilization"), 0.01),
+                _rounded(step.get("flop_utilization"), 0.01),
             ))
     rows.sort(key=lambda row: row[2])
     return pd.DataFrame(rows[:limit], columns=list(STEP_TABLE_COLUMNS))

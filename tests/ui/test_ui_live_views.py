@@ -215,13 +215,19 @@ def test_trace_frame_splits_prefill_and_decode():
 def test_describe_step_lists_work():
     text = describe_step(make_step(1, NOW, prefill=64, decode=3, preempted=2))
     assert text == "prefill chat-9: 64; decode 3 requests; 2 preempted"
+    admitted = dict(make_step(2, NOW, prefill=8), admitted=[{"request_id": "chat-9", "queue_ms": 12.34}])
+    assert describe_step(admitted) == "prefill chat-9: 8; admitted chat-9 after 12.3 ms in the queue"
 
 
 def test_steps_table_newest_first():
     steps = {"prefill": [make_step(5, NOW - 3.0, prefill=10)],
              "decode": [make_step(7, NOW - 2.0, decode=1), make_step(8, NOW - 1.0, decode=2)]}
+    steps["decode"][1].update(forward_ms=12.345, bandwidth_utilization=0.5, flop_utilization=None)
     table = steps_table(steps, NOW, limit=2)
     assert table["step"].tolist() == [8, 7]
+    assert table["forward (ms)"].tolist()[0] == 12.35
+    assert table["bandwidth utilization (%)"].tolist()[0] == 50.0
+    assert table["FLOP utilization (%)"].tolist()[0] is None
     assert table["seconds ago"].tolist() == [1.0, 2.0]
     assert table["decode batch (requests)"].tolist()[0] == "2: chat-0, chat-1"
 
