@@ -578,6 +578,16 @@ class LLMEngine:
         state["num_running"] = len(self.scheduler.running)
         return state
 
+    def spec_state(self) -> dict:
+        """Speculative decoding setting and acceptance statistics, as JSON-ready values."""
+        spec_config = self.config.speculative
+        return {
+            "method": spec_config.method,
+            "num_speculative_tokens": spec_config.num_speculative_tokens if spec_config.enabled else 0,
+            "totals": self.spec_stats.to_dict(),
+            "last_step": self.last_spec_step.to_dict() if self.last_spec_step is not None else None,
+        }
+
     # -- convenience for tests and benchmarks -------------------------------------------
 
     def generate(self, prompts: list[list[int]], sampling_params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

@@ -127,7 +127,11 @@ def test_spec_stats_on_final_event(tiny_llama, references):
         assert 0.0 < stats.acceptance_rate < 1.0
         assert stats.num_emitted_tokens == stats.num_accepted_tokens + stats.num_verifications
     step = engine.last_spec_step
-    assert step is not None and step.method == "ngram"
+    assert step is not None
+    assert step.method == "ngram"
+    state = engine.spec_state()
+    assert state["totals"]["num_verifications"] == engine.spec_stats.num_verifications
+    assert state["last_step"]["step_id"] == step.step_id
     assert engine.spec_stats.num_verifications >= sum(e[-1].spec_stats.num_verifications for e in run.events.values())
 
 
