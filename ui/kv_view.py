@@ -33,11 +33,11 @@ TABLE_CELL_STYLE = (
 
 @dataclass
 class BlockMap:
-    """Which live sequences reference each physical KV block of one worker."""
+    """The live sequences that reference each physical KV block of one worker."""
 
     num_blocks: int
     owners: dict[int, list[str]] = field(default_factory=dict)
-    """Block id to the request ids whose block tables list it; blocks absent here are free."""
+    """Block id to the request ids whose block tables list it. Blocks absent here are free."""
 
     @property
     def shared_blocks(self) -> list[int]:
@@ -75,7 +75,7 @@ def block_color(owners: Sequence[str], colors: Mapping[str, str]) -> str:
 
 
 def pool_cells(block_map: BlockMap, colors: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Return (color, tooltip) per pool cell; each cell stands for `ceil(num_blocks / MAX_POOL_CELLS)` blocks.
+    """Return (color, tooltip) per pool cell, where each cell is `ceil(num_blocks / MAX_POOL_CELLS)` blocks.
 
     A grouped cell takes the color of its most telling block: shared, then in use, then free.
     """
@@ -86,7 +86,11 @@ def pool_cells(block_map: BlockMap, colors: Mapping[str, str]) -> list[tuple[str
         owners_per_block = [block_map.owners.get(block, []) for block in blocks]
         shared = [owners for owners in owners_per_block if len(owners) > 1]
         used = [owners for owners in owners_per_block if owners]
-        chosen = shared[0] if shared else (used[0] if used else [])
+        chosen: list[str] = []
+        if shared:
+            chosen = shared[0]
+        elif used:
+            chosen = used[0]
         label = f"block {first}" if group == 1 else f"blocks {first}–{blocks[-1]} ({len(used)} in use)"
         if len(chosen) > 1:
             label += ": shared by " + ", ".join(chosen)

@@ -1,7 +1,7 @@
 """Gradio components of the live engine views and the timer that refreshes them.
 
-`build_live_panel` must be called inside a `gr.Blocks` context. The data comes from
-`molten.ui.live_views`; this module only lays it out and wires the timer.
+A `LivePanel` must be created inside a `gr.Blocks` context. The data comes from
+`molten.ui.live_views`, and this module only lays it out and wires the timer.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from molten.ui.trace_view import STEP_TABLE_COLUMNS, trace_frame
 logger = logging.getLogger(__name__)
 
 LIVE_CONCURRENCY_LIMIT = 8
-"""Timer ticks served at once across browser tabs; each tick only awaits three short handle calls."""
+"""Timer ticks served at once across browser tabs. Each tick only awaits three short handle calls."""
 
 
 def _series_plot(title: str, y_title: str, elem_id: str, visible: bool = True) -> gr.LinePlot:

@@ -1,10 +1,10 @@
 """The playground in a real browser: Debian's Chromium, driven by Playwright, against a real Serve deployment (slow).
 
-The test serves the playground on 127.0.0.1 against the tiny model's Serve application,
-sends a prompt, checks that the reply streams in several pieces, that the token timeline
-and the KV view fill in, and that the live telemetry plot redraws with new samples. It keeps a
-full-page screenshot under test-artifacts/ui/ (git-ignored; set MOLTEN_TEST_ARTIFACTS to
-move it), also when a check fails, so a failure can be looked at.
+The test serves the playground on 127.0.0.1 against the tiny model's Serve application and
+sends a prompt. It checks that the reply streams in several pieces, that the token timeline
+and the KV view fill in, and that the live telemetry plot redraws with new samples. It keeps
+a full-page screenshot under test-artifacts/ui/ (git-ignored, and MOLTEN_TEST_ARTIFACTS
+moves it), also when a check fails, so a failure can be looked at.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ REPLY_TIMEOUT_S = 120.0
 """Maximum wait for the whole reply. The tiny model's 256 tokens take a few seconds, but the
 machine may be shared with other work."""
 LIVE_VIEW_TIMEOUT_S = 30.0
-"""Maximum wait for the live views to show new data; the timer polls every second."""
+"""Maximum wait for the live views to show new data. The timer polls every second."""
 POLL_EVERY_S = 0.25
 
 MESSAGE_PLACEHOLDER = "Type a message and press Enter"
@@ -87,7 +87,10 @@ def unused_port() -> int:
 
 
 def wait_until(condition, timeout_s: float, what: str):
-    """Call `condition` every POLL_EVERY_S until it returns a truthy value, and return it; fail after `timeout_s`."""
+    """Call `condition` every POLL_EVERY_S until it returns a truthy value and return that value.
+
+    The test fails once `timeout_s` has passed.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
