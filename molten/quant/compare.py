@@ -199,7 +199,8 @@ def compare_precisions(
         rows = []
         for precision in ordered:
             report(f"Loading {base_model}:{precision}")
-            row, scores, corpus_ids = _measure_precision(base_model, precision, settings, reference, report)
+            row, scores, scored_ids = _measure_precision(base_model, precision, settings, reference, report)
+            corpus_ids = scored_ids or corpus_ids
             if precision == "fp32":
                 reference = scores
             rows.append(row)
