@@ -26,7 +26,7 @@ def package_versions() -> dict[str, str]:
 
 
 def gpu_description() -> str:
-    """Return the CUDA device names torch sees, or "none"."""
+    """Return the names of the CUDA devices torch detects, or "none"."""
     if not torch.cuda.is_available():
         return "none"
     names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]

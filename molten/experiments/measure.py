@@ -229,5 +229,5 @@ def kv_bytes_per_token(loaded: LoadedModel) -> int:
 
 
 def kv_cache_mib_for(loaded: LoadedModel, num_tokens: int) -> int:
-    """Return a KV pool size in MiB that holds `num_tokens` tokens, with 8 MiB of slack."""
+    """Return a KV pool size in MiB that fits `num_tokens` tokens, plus 8 MiB of slack."""
     return max(8, num_tokens * kv_bytes_per_token(loaded) // 2**20 + 8)

@@ -76,7 +76,7 @@ class ExperimentRecord:
     observations: str = ""
     """The person's own notes, edited in the UI or in note.md."""
     plot_png: bytes = field(default=b"", repr=False)
-    """The stage's plot as PNG bytes; empty when the stage drew none."""
+    """The stage's plot as PNG bytes, or empty when the stage drew none."""
     format_version: int = FORMAT_VERSION
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The seven stages of the learning path, in order; each module holds one stage's settings and run."""
+"""The seven stages of the learning path, in order. Each module defines one stage's settings and run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What every learning-path stage provides: settings, a run function, and its result."""
+"""The parts every learning-path stage provides: settings, a run function, and its result."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class StageSettingsError(ValueError):
 
 @dataclass
 class StageResult:
-    """What a stage's run returns; the runner adds the record id, time and environment."""
+    """The figures, plot and explanation of one stage run. The runner adds the record id, time and environment."""
 
     summary: dict[str, Any]
     """Headline figures, name to number; units are in the names."""

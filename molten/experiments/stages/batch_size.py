@@ -3,8 +3,8 @@
 B requests arrive together and decode side by side. At batch 1 a decode step reads every
 weight to produce one token, so it is bound by memory bandwidth. A batch of B reads the
 same weights once for B tokens, so throughput grows almost linearly with B until the
-matrix products become compute bound; each sequence's step time (its inter-token
-latency) grows much more slowly than B until then.
+matrix products become compute bound. Until then each sequence's step time (its
+inter-token latency) grows much more slowly than B.
 """
 
 from __future__ import annotations

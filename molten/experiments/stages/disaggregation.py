@@ -2,10 +2,11 @@
 
 Co-located: one `LLMEngine` prefills and decodes every request. Disaggregated: a prefill
 engine (requests added with `prefill_only=True`) computes each prompt and samples the
-first token, `export_sequence` packs the sequence with its KV blocks into a `KVHandoff`,
-the handoff is pickled and unpickled (the copy Ray's object store makes between two
-workers on one node), and a second engine's `import_sequence` writes the blocks into its
-own pool and decodes. Both engines share one process and one copy of the weights.
+first token. Its `export_sequence` packs the sequence with its KV blocks into a
+`KVHandoff`. The handoff is pickled and unpickled, which stands in for the copy Ray's
+object store makes between two workers. A second engine's `import_sequence` then writes
+the blocks into its own pool and decodes. Both engines share one process and one copy of
+the weights.
 
 NOTE: the two engines run one after the other here, so this stage measures what the
 handoff costs (bytes, export, copy and import time) but not what disaggregation buys,

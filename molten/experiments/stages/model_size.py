@@ -1,8 +1,8 @@
 """Stage 1: model size and precision against latency and memory.
 
 At batch 1 a decode step reads every weight once, so its time is roughly the weight
-bytes divided by the memory bandwidth: a model twice as large, or the same model in a
-precision twice as wide, decodes about half as fast. This stage loads each model in each
+bytes divided by the memory bandwidth. A model twice as large, or the same model in a
+precision twice as wide, therefore decodes about half as fast. This stage loads each model in each
 dtype, measures weight memory, KV memory per token, TTFT and single-stream decode speed,
 and sets the decode speed beside the bandwidth ceiling measured on the same machine.
 """

@@ -4,9 +4,9 @@ The n sequences of a request share their prompt, so its K and V need to be store
 once. Molten's engine takes one sequence per request: `n > 1` is fanned out into n
 engine requests, which share the prompt's full KV blocks only through the prefix cache,
 and only once the first of them has computed those blocks. This stage measures the peak
-KV blocks of that path in three ways (no prefix cache; prefix cache with all n admitted
-together; prefix cache with the first sequence prefilled before the others join) and
-sets them beside the arithmetic for forking inside the engine, which Molten does not do.
+KV blocks of that path in three ways: without the prefix cache, with it and all n
+admitted together, and with it and the first sequence prefilled before the others join.
+It sets them beside the arithmetic for forking inside the engine, which Molten does not do.
 """
 
 from __future__ import annotations

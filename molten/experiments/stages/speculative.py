@@ -1,6 +1,6 @@
 """Stage 6: speculative decoding's speedup against k and the acceptance rate.
 
-A drafter proposes k tokens cheaply; the target model scores all of them in one step and
+A drafter proposes k tokens cheaply. The target model scores all of them in one step and
 keeps the prefix it agrees with, plus one token of its own. A step then costs a little
 more than a plain decode step (k more rows through the weights it reads anyway), and
 emits 1 + (accepted drafts) tokens. Speculation pays when the extra tokens per step
