@@ -13,6 +13,7 @@ sequence joins its running batch as if it had been prefilled there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from molten.config import EngineConfig, EngineFacts
+from molten.engine.beam_search import Beam, BeamGroup, select_candidates
 from molten.engine.block_manager import BlockManager
 from molten.engine.events import HandoffStats, TokenEvent
 from molten.engine.kv_cache import KVCacheSpec, PagedKVCache, num_blocks_for_memory
@@ -157,6 +159,8 @@ class LLMEngine:
         self.outputs: dict[int, OutputProcessor] = {}
         self.prefilled: dict[str, Sequence] = {}
         self.pending_forks: dict[int, int] = {}
+        self.beam_groups: dict[str, BeamGroup] = {}
+        """Beam-search requests by request id."""
         self.num_forked_blocks_shared = 0
         """KV blocks that forked sequences shared instead of holding their own copies (a running total)."""
         """Sequences of `n > 1` requests still to fork off sequence 0 once its prompt is computed."""
@@ -189,8 +193,8 @@ class LLMEngine:
         """Queue a request. Raises EmptyPromptError, PromptTooLongError or QueueFullError."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        if sampling_params.n != 1 and prefill_only:
-            raise ValueError("a prefill-only request takes one sequence; fan out n > 1 before adding")
+        if (sampling_params.n != 1 or sampling_params.beam_width > 1) and prefill_only:
+            raise ValueError("a prefill-only request takes one sequence: fan out n > 1 and run beam search elsewhere")
         self.check_prompt(len(prompt_token_ids))
         seq = Sequence(
             request_id=request_id,
@@ -202,6 +206,10 @@ class LLMEngine:
             generator=make_generator(sampling_params.seed),
             prefill_only=prefill_only,
         )
+        if sampling_params.beam_width > 1:
+            # Each step needs the top beam_width logprobs of every beam.
+            seq.sampling_params = dataclasses.replace(sampling_params, logprobs=True, top_logprobs=sampling_params.beam_width)
+            self.beam_groups[request_id] = BeamGroup(request_id, sampling_params, [Beam(seq)])
         self.scheduler.add(seq)
         self.sequences[request_id] = [seq]
         self.outputs[seq.seq_id] = OutputProcessor(self.tokenizer, seq)
@@ -213,6 +221,7 @@ class LLMEngine:
         seqs = self.sequences.pop(request_id, None)
         if seqs is None:
             return False
+        self.beam_groups.pop(request_id, None)
         for seq in seqs:
             self.scheduler.remove(seq)
             self.pending_forks.pop(seq.seq_id, None)
@@ -258,6 +267,7 @@ class LLMEngine:
         events = []
         batch_size = len(scheduler_output.scheduled)
         now = time.time()
+        ready_beam_groups: list[BeamGroup] = []
         for item in scheduler_output.scheduled:
             seq = item.seq
             if item.num_draft_tokens:
@@ -270,10 +280,17 @@ class LLMEngine:
             sampled = runner_output.sampled.get(seq.seq_id)
             if sampled is None:
                 continue
+            group = self.beam_groups.get(seq.request_id)
+            if group is not None:
+                if self._park_beam(group, seq, sampled):
+                    ready_beam_groups.append(group)
+                continue
             if seq.seq_id in self.pending_forks:
                 self._fork(seq, self.pending_forks.pop(seq.seq_id))
             origin = "prefill" if seq.num_output_tokens == 0 else "decode"
             events.append(self._append_token(seq, sampled, now, scheduler_output.step_id, batch_size, origin))
+        for group in ready_beam_groups:
+            events.extend(self._expand_beams(group, now, scheduler_output.step_id, batch_size))
         return events
 
     # -- parallel sampling (n > 1) -------------------------------------------------------
@@ -317,6 +334,117 @@ class LLMEngine:
             siblings.append(child)
             self.outputs[child.seq_id] = OutputProcessor(self.tokenizer, child)
         self.num_forked_blocks_shared += len(shared) * num_children
+
+    # -- beam search (beam_search.py) -----------------------------------------------------
+
+    def _park_beam(self, group: BeamGroup, seq: Sequence, sampled: SampledToken) -> bool:
+        """Hold a beam that finished its step until its siblings have; True once all have."""
+        beam = next(beam for beam in group.beams if beam.seq is seq)
+        beam.pending = sampled
+        self.scheduler.running.remove(seq)
+        return group.is_ready
+
+    def _expand_beams(self, group: BeamGroup, now: float, step_id: int, batch_size: int) -> list[TokenEvent]:
+        """Keep the best beam_width extensions, forking beams chosen more than once, and free the rest."""
+        chosen = select_candidates(group)
+        continuing: list[tuple[Beam, int, float]] = []
+        new_beams: list[Beam] = []
+        for beam, token_id, score in chosen:
+            if any(beam is kept for kept, _, _ in continuing):
+                new_beams.append(Beam(self._fork_beam(beam.seq, token_id), score))
+            else:
+                continuing.append((beam, token_id, score))
+        # Forks above copied the parents' tokens, so parents may only now take their token.
+        for beam, token_id, score in continuing:
+            beam.seq.token_ids.append(token_id)
+            new_beams.append(Beam(beam.seq, score))
+        survivors = {beam.seq.seq_id for beam in new_beams}
+        for beam in group.beams:
+            if beam.seq.seq_id not in survivors:
+                self.scheduler.remove(beam.seq)
+        new_beams.sort(key=lambda beam: -beam.score)
+        group.beams = new_beams
+        self.sequences[group.request_id] = [beam.seq for beam in new_beams]
+
+        best = new_beams[0].seq
+        if best.num_output_tokens < group.params.max_tokens and best.num_tokens < self.facts.max_model_len:
+            for beam in new_beams:
+                self.scheduler.add(beam.seq, enforce_queue_limit=False)
+            return []
+        return self._finish_beams(group, now, step_id, batch_size)
+
+    def _fork_beam(self, parent: Sequence, token_id: int) -> Sequence:
+        """Copy a beam whose tokens are all computed, sharing its full blocks and copying its partial one."""
+        child = Sequence(
+            request_id=parent.request_id,
+            token_ids=parent.token_ids + [token_id],
+            num_prompt_tokens=parent.num_prompt_tokens,
+            sampling_params=parent.sampling_params,
+            arrival_time=parent.arrival_time,
+            priority=parent.priority,
+            num_cached_prompt_tokens=parent.num_cached_prompt_tokens,
+        )
+        size = self.block_manager.kv_block_size
+        num_computed = parent.num_computed_tokens
+        shared = parent.block_table[: num_computed // size]
+        copy_id = None
+        if num_computed % size:
+            copy_id = self.block_manager.allocate_block()
+            if copy_id is None:
+                return child  # no block for the copy: the child recomputes from scratch
+            source = parent.block_table[num_computed // size]
+            self.kv_cache.import_blocks([copy_id], self.kv_cache.export_blocks([source]))
+        for block_id in shared:
+            self.block_manager.ref_cached_block(block_id)
+        child.block_table = list(shared) + ([copy_id] if copy_id is not None else [])
+        child.num_computed_tokens = num_computed
+        self.num_forked_blocks_shared += len(shared)
+        return child
+
+    def _finish_beams(self, group: BeamGroup, now: float, step_id: int, batch_size: int) -> list[TokenEvent]:
+        """Stream the best beam's tokens (cut at its first stop) and free every beam."""
+        best = group.beams[0].seq
+        params = group.params
+        output = OutputProcessor(self.tokenizer, best)
+        events = []
+        output_token_ids = best.output_token_ids
+        for index, token_id in enumerate(output_token_ids):
+            text, stop_string_hit = output.add_token(token_id)
+            is_eos = token_id in self.facts.eos_token_ids and not params.ignore_eos
+            finish_reason = None
+            if stop_string_hit or is_eos or token_id in params.stop_token_ids:
+                finish_reason = "stop"
+            elif index == len(output_token_ids) - 1:
+                finish_reason = "length"
+            if finish_reason is not None and not stop_string_hit:
+                text += output.finish()
+            events.append(
+                TokenEvent(
+                    request_id=best.request_id,
+                    seq_index=0,
+                    token_id=token_id,
+                    text=text,
+                    logprob=None,
+                    top_logprobs=None,
+                    time_since_arrival_ms=(now - best.arrival_time) * 1000,
+                    step_id=step_id,
+                    batch_size=batch_size,
+                    origin="beam",
+                    index=index,
+                    finish_reason=finish_reason,
+                    num_prompt_tokens=best.num_prompt_tokens,
+                    num_cached_prompt_tokens=best.num_cached_prompt_tokens,
+                )
+            )
+            if finish_reason is not None:
+                break
+        for beam in group.beams:
+            self.scheduler.remove(beam.seq)
+            beam.seq.status = SequenceStatus.FINISHED_STOPPED
+        self.beam_groups.pop(group.request_id, None)
+        self.sequences.pop(group.request_id, None)
+        self.outputs.pop(best.seq_id, None)
+        return events
 
     # -- speculative decoding -----------------------------------------------------------
 

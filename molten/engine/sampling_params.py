@@ -48,6 +48,9 @@ class SamplingParams:
     """How many alternative tokens, with log-probabilities, to report per position (0-20)."""
     n: int = 1
     """Number of independent sequences to generate for the request."""
+    beam_width: int = 1
+    """Beams kept by beam search (1 to 20); 1 disables it. Beam search needs temperature 0
+    and n = 1, ranks beams by the sum of their raw token logprobs, and returns the best beam."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,6 +83,12 @@ class SamplingParams:
             raise SamplingParamsError("top_logprobs", f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.n < 1:
             raise SamplingParamsError("n", f"n must be an integer >= 1, got {self.n}")
+        if isinstance(self.beam_width, bool) or not isinstance(self.beam_width, int) or not 1 <= self.beam_width <= 20:
+            raise SamplingParamsError("beam_width", f"beam_width must be an integer in [1, 20], got {self.beam_width!r}")
+        if self.beam_width > 1 and (self.temperature != 0.0 or self.n != 1):
+            raise SamplingParamsError(
+                "beam_width", "beam search is deterministic and returns one sequence: set temperature to 0 and n to 1"
+            )
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise SamplingParamsError("stop", "stop must contain only non-empty strings")
 

@@ -67,6 +67,8 @@ def drafting_candidates(running: list[Sequence], num_speculative_tokens: int, ma
         if seq.num_computed_tokens != seq.num_tokens - 1 or seq.num_output_tokens == 0:
             continue
         params = seq.sampling_params
+        if params.beam_width > 1:
+            continue  # a beam's next token comes from beam selection, not from one target row
         limit = min(
             num_speculative_tokens,
             params.max_tokens - seq.num_output_tokens - 1,
