@@ -65,3 +65,23 @@ def test_unavailable_ingress_shows_error():
     assert message_box == "Hello", "the unsent message goes back into the message box"
     assert error_box.visible is True
     assert "Serve is not running" in error_box.value
+
+
+def test_playground_has_live_views():
+    blocks = build_playground(lambda: None, {"model": "tiny-random-llama", "mode": "disaggregated"})
+    elem_ids = {block.elem_id for block in blocks.blocks.values() if getattr(block, "elem_id", None)}
+    expected = {"molten-token-timeline", "molten-telemetry-utilization", "molten-telemetry-memory", "molten-kv",
+                "molten-trace", "molten-roofline", "molten-live-status"}
+    assert expected <= elem_ids
+    # Other tabs may add timers of their own.
+    timers = [block for block in blocks.blocks.values() if isinstance(block, gr.Timer)]
+    assert any(timer.value == 1.0 and timer.active for timer in timers)
+
+
+def test_refresh_choice_sets_timer():
+    from molten.ui.live_panel import LivePanel
+
+    assert LivePanel.set_refresh("off").active is False
+    faster = LivePanel.set_refresh("0.5 s")
+    assert faster.active is True
+    assert faster.value == 0.5
