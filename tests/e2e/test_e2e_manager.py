@@ -24,10 +24,8 @@ SWAP_STREAM_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def manager_url(serve_session) -> str:
-    from molten.deployments.app import run_app
-
-    settings = replace(
+def manager_settings(serve_session):
+    return replace(
         serve_session,
         model=LLAMA,
         mode="colocated",
@@ -37,6 +35,13 @@ def manager_url(serve_session) -> str:
         cache=CacheConfig(kv_cache_memory_mib=16),
         manager=ManagerSettings(load_wait_timeout_s=0.5, drain_timeout_s=120.0),
     )
+
+
+@pytest.fixture(scope="module")
+def manager_url(manager_settings) -> str:
+    from molten.deployments.app import run_app
+
+    settings = manager_settings
     run_app(settings)
     url = f"http://127.0.0.1:{settings.http_port}/manager"
     wait_healthy(url)
@@ -173,6 +178,36 @@ def test_compare_streams_two_models(client):
 
     too_many = client.post("/v1/molten/compare", json={**body, "stream": False, "models": [LLAMA] * 5})
     assert too_many.status_code == 400
+
+
+async def collect(generator) -> list:
+    return [item async for item in generator]
+
+
+def test_models_tab_against_server(client, manager_settings):
+    import asyncio
+
+    from molten.deployments.app import ingress_handle
+    from molten.ui.models_tab import ModelsController
+
+    load(client, QWEN, mode="disaggregated")
+    controller = ModelsController(lambda: ingress_handle(manager_settings))
+
+    models, cold_starts, memory_text, _, _ = asyncio.run(controller.refresh())
+    assert set(models["model"]) >= {LLAMA, QWEN}
+    assert (models[models["model"] == LLAMA]["total MiB"] > 0).all()
+    assert len(cold_starts) >= 2
+    assert "Memory:" in memory_text
+
+    assert "Choose a model" in asyncio.run(controller.act("load", "", "fp32", "colocated", ""))
+    refused = asyncio.run(controller.act("unload", "no-such-model", "fp32", "colocated", ""))
+    assert "unload failed" in refused
+
+    updates = asyncio.run(collect(controller.compare([LLAMA, QWEN], "Hi", 4)))
+    *boxes, timings = updates[-1]
+    assert list(timings["model"]) == [LLAMA, QWEN]
+    assert all(1 <= tokens <= 4 for tokens in timings["tokens"])
+    assert (timings["TTFT ms"] > 0).all()
 
 
 def test_budget_evicts_idle_then_rejects(client):

@@ -54,6 +54,7 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
 
 def test_ten_cycles_return_memory(cycles_url):
     levels = []
+    per_process = []
     with httpx.Client(base_url=cycles_url, timeout=300) as client:
         for cycle in range(NUM_CYCLES):
             if cycle > 0:
@@ -74,12 +75,16 @@ def test_ten_cycles_return_memory(cycles_url):
             for pid in worker_pids:
                 assert wait_gone(pid, WORKER_EXIT_TIMEOUT_S), f"worker pid {pid} still runs after unload (cycle {cycle})"
             levels.append(after["memory_after_unload"]["molten_rss_bytes"])
+            per_process.append(after["memory_after_unload"]["process_rss_bytes"])
 
         status = client.get("/v1/molten/models").json()
         assert len([entry for entry in status["cold_starts"] if entry["model_id"] == LLAMA]) == NUM_CYCLES
 
     baseline = levels[0]
     print("RSS of manager + ingress after each unload (MiB):", [round(level / 2**20, 1) for level in levels])
+    for pid in per_process[0]:
+        role = "manager" if int(pid) == status["manager_pid"] else "ingress"
+        print(f"  {role} (pid {pid}):", [round(sizes.get(pid, 0) / 2**20, 1) for sizes in per_process])
     assert baseline > 0
     for cycle, level in enumerate(levels[1:], start=2):
         assert abs(level - baseline) <= TOLERANCE * baseline, (
