@@ -339,6 +339,8 @@ class LLMEngine:
 
     def _park_beam(self, group: BeamGroup, seq: Sequence, sampled: SampledToken) -> bool:
         """Hold a beam that finished its step until its siblings have; True once all have."""
+        # NOTE: a parked beam keeps its blocks and is not a preemption candidate, so a KV
+        # pool too small for every beam of one request can stall that request.
         beam = next(beam for beam in group.beams if beam.seq is seq)
         beam.pending = sampled
         self.scheduler.running.remove(seq)
@@ -406,8 +408,8 @@ class LLMEngine:
         best = group.beams[0].seq
         params = group.params
         output = OutputProcessor(self.tokenizer, best)
-        events = []
         output_token_ids = best.output_token_ids
+        events = []
         for index, token_id in enumerate(output_token_ids):
             text, stop_string_hit = output.add_token(token_id)
             is_eos = token_id in self.facts.eos_token_ids and not params.ignore_eos
@@ -418,26 +420,12 @@ class LLMEngine:
                 finish_reason = "length"
             if finish_reason is not None and not stop_string_hit:
                 text += output.finish()
-            events.append(
-                TokenEvent(
-                    request_id=best.request_id,
-                    seq_index=0,
-                    token_id=token_id,
-                    text=text,
-                    logprob=None,
-                    top_logprobs=None,
-                    time_since_arrival_ms=(now - best.arrival_time) * 1000,
-                    step_id=step_id,
-                    batch_size=batch_size,
-                    origin="beam",
-                    index=index,
-                    finish_reason=finish_reason,
-                    num_prompt_tokens=best.num_prompt_tokens,
-                    num_cached_prompt_tokens=best.num_cached_prompt_tokens,
-                )
-            )
+
+            event = self._beam_event(best, token_id, text, index, finish_reason, now, step_id, batch_size)
+            events.append(event)
             if finish_reason is not None:
                 break
+
         for beam in group.beams:
             self.scheduler.remove(beam.seq)
             beam.seq.status = SequenceStatus.FINISHED_STOPPED
@@ -445,6 +433,27 @@ class LLMEngine:
         self.sequences.pop(group.request_id, None)
         self.outputs.pop(best.seq_id, None)
         return events
+
+    @staticmethod
+    def _beam_event(
+        seq: Sequence, token_id: int, text: str, index: int, finish_reason: str | None, now: float, step_id: int, batch_size: int
+    ) -> TokenEvent:
+        return TokenEvent(
+            request_id=seq.request_id,
+            seq_index=0,
+            token_id=token_id,
+            text=text,
+            logprob=None,
+            top_logprobs=None,
+            time_since_arrival_ms=(now - seq.arrival_time) * 1000,
+            step_id=step_id,
+            batch_size=batch_size,
+            origin="beam",
+            index=index,
+            finish_reason=finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+        )
 
     # -- speculative decoding -----------------------------------------------------------
 

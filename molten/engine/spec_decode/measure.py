@@ -115,6 +115,25 @@ def break_even_acceptance(step_ratio: float, num_drafts: int) -> float | None:
     return high
 
 
+def measure_sharing(loaded, prompt: list[int], width: int, new_tokens: int) -> dict[str, int]:
+    """Peak KV bytes that block sharing saved for one `n = width` request and one beam search of `width` beams."""
+    peaks = {}
+    for label, params in (
+        (f"n={width}", SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=0, n=width, ignore_eos=True)),
+        (f"beam_width={width}", SamplingParams(max_tokens=new_tokens, temperature=0.0, beam_width=width, ignore_eos=True)),
+    ):
+        engine = LLMEngine(engine_config(SpeculativeConfig()), loaded)
+        engine.add_request("sharing", prompt, params)
+        peak = 0
+        for _ in range(10 * new_tokens):
+            if not engine.has_unfinished():
+                break
+            engine.step()
+            peak = max(peak, engine.kv_state()["saved_kv_bytes"])
+        peaks[label] = peak
+    return peaks
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="target model id")
@@ -124,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draft-layers", type=int, default=6, help="self-draft depth in decoder layers")
     parser.add_argument("--draft-model", default=None, help="also measure this draft model, e.g. smollm2-135m-instruct:int4")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--sharing-width", type=int, default=0, help="only measure KV sharing of n > 1 and beam search with this width"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
 
     loaded = load_model(args.model)
     prompt = grounded_prompt(loaded.tokenizer)
+    if args.sharing_width:
+        bytes_per_token = LLMEngine(engine_config(SpeculativeConfig()), loaded).kv_cache.spec.bytes_per_token
+        for label, saved in measure_sharing(loaded, prompt, args.sharing_width, args.new_tokens).items():
+            print(f"{label}: peak KV saved by sharing {saved / 2**20:.1f} MiB "
+                  f"(an independent copy of the {len(prompt)}-token prompt is {len(prompt) * bytes_per_token / 2**20:.1f} MiB)")
+        return
     settings = {
         "off": SpeculativeConfig(),
         "ngram": SpeculativeConfig(method="ngram", num_speculative_tokens=args.k, ngram_min=1, ngram_max=4),
