@@ -29,7 +29,8 @@ class TokenEvent:
     """How the token was produced: `prefill` (first token, sampled after the prompt) or
     `decode` (one target step, one token). Speculative decoding adds `draft-accepted` (a
     draft the target verified), `recovered` (sampled in place of the first rejected draft)
-    and `bonus` (sampled after every draft was accepted)."""
+    and `bonus` (sampled after every draft was accepted). Beam search streams its best
+    beam at the end with origin `beam`."""
     index: int
     """Position of the token among this sequence's generated tokens, from 0."""
     finish_reason: str | None = None
