@@ -42,6 +42,8 @@ class SpeculativeSettings:
     """Draft tokens per step (k), one run each, beside a run without speculation."""
     prompt_tokens: int = 128
     """Prompt length in tokens. The prompt repeats one paragraph, which the n-gram drafter can copy from."""
+    prompt_text: str = ""
+    """Text to use as the whole prompt instead (prompt_tokens is then ignored), to see acceptance on other text."""
     max_tokens: int = 64
     """Tokens generated per run (greedy, EOS ignored)."""
     draft_model: str = ""
@@ -85,8 +87,11 @@ def _decode_figures(result: RunResult) -> tuple[float, float, int]:
 
 def run(settings: SpeculativeSettings, progress: Progress) -> StageResult:
     loaded = load_for_experiment(settings.model, settings.dtype, progress)
-    max_model_len = settings.prompt_tokens + settings.max_tokens + max(settings.k_values) + 2
-    prompt = make_prompt(loaded.tokenizer, settings.prompt_tokens)
+    if settings.prompt_text.strip():
+        prompt = loaded.tokenizer.encode(settings.prompt_text, add_special_tokens=False)
+    else:
+        prompt = make_prompt(loaded.tokenizer, settings.prompt_tokens)
+    max_model_len = len(prompt) + settings.max_tokens + max(settings.k_values) + 2
 
     def measure(speculative: SpeculativeConfig | None) -> tuple[RunResult, object]:
         engine = build_engine(
@@ -142,11 +147,14 @@ def run(settings: SpeculativeSettings, progress: Progress) -> StageResult:
     )
     explanation = (
         "## What this measures\n\n"
-        f"One greedy request ({settings.prompt_tokens}-token prompt, {settings.max_tokens} new tokens) through "
+        f"One greedy request ({len(prompt)}-token prompt, {settings.max_tokens} new tokens) through "
         f"`LLMEngine` in-process, without speculation and then with the `{settings.method}` drafter for each k. "
         "Acceptance rate is accepted drafts over drafts verified; tokens per step counts every token after "
-        "the first over the decode steps.\n\n"
-        "## What to expect, and why\n\n"
+        "the first over the decode steps. "
+        + ("The prompt was the text given in `prompt_text`.\n\n" if settings.prompt_text.strip() else
+           "The prompt repeats one paragraph, so a model that continues it gives the n-gram drafter an easy "
+           "target: set `prompt_text` to see acceptance on other text.\n\n")
+        + "## What to expect, and why\n\n"
         "A plain decode step reads all weights to emit one token. A verification step reads them once to "
         "score k drafts and emits 1 + a tokens, where a is the number accepted. With a per-draft acceptance "
         "probability p, the expected tokens per step is (1 - p^(k+1)) / (1 - p). Speculation beats plain "
