@@ -151,8 +151,9 @@ def test_browser_streams_reply_and_telemetry(page, playground_url):
         message_box.wait_for(timeout=PAGE_LOAD_TIMEOUT_MS)
         page.evaluate(RECORD_REPLY_LENGTHS_JS)
 
-        samples_before = wait_until(lambda: telemetry_sample_count(page), LIVE_VIEW_TIMEOUT_S,
-                                    "the first telemetry samples in the live status line")
+        wait_until(lambda: telemetry_sample_count(page) is not None, LIVE_VIEW_TIMEOUT_S,
+                   "the first poll of the live views")
+        samples_before = telemetry_sample_count(page)
         lines_before = page.evaluate(LINE_PATHS_JS, "#molten-telemetry-utilization")
 
         message_box.fill("Explain what a KV cache is.")
