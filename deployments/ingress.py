@@ -91,6 +91,19 @@ def engine_error_to_api_error(exc: BaseException, prompt_param: str) -> APIError
     return None
 
 
+def add_utilizations(models: list[dict], peaks: dict) -> None:
+    """Set each step's `bandwidth_utilization` (MBU) and `flop_utilization` (MFU): achieved / peak, None without a peak."""
+    peak_bandwidth = peaks.get("bandwidth_bytes_per_s")
+    peak_flops = peaks.get("flops_per_s")
+    for model in models:
+        for steps in model["workers"].values():
+            for step in steps:
+                step["bandwidth_utilization"] = (
+                    step["achieved_bandwidth_bytes_per_s"] / peak_bandwidth if peak_bandwidth else None
+                )
+                step["flop_utilization"] = step["achieved_flops_per_s"] / peak_flops if peak_flops else None
+
+
 def manager_error_to_api_error(error: dict) -> APIError:
     """Turn the manager's {"status", "message", "code", "param", "retry_after_s"} error into an API error."""
     status = error["status"]
@@ -446,6 +459,7 @@ class MoltenIngress:
             peaks = await peaks_call
         else:
             peaks = {"bandwidth_bytes_per_s": None, "flops_per_s": None, "source": "the telemetry actor is not running"}
+        add_utilizations(models, peaks)
         primary = next((m for m in models if m["model"] == self.model_id), models[0] if models else None)
         return {
             "peaks": peaks,

@@ -13,11 +13,17 @@ Timing definitions, chosen so the numbers match what a client measures:
   first gap from the end of the prefill worker's KV export (`KVHandoff.created_at`).
 - end-to-end: arrival to the hand-off of the last token.
 - queue time: arrival to the first engine step that schedules the request.
+
+Ray 2.60 rebuilds a histogram's `_sum` from bucket midpoints when it exports, so that sum
+is approximate. Each latency histogram therefore has an exact companion counter,
+`<histogram name>_total`, that adds up the observed seconds: its value divided by the
+histogram's `_count` is the exact mean.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -35,6 +41,11 @@ LATENCY_BOUNDARIES_S = [
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 ]
 """Histogram bucket upper bounds for latencies, in seconds."""
+
+GAUGE_REFRESH_S = 5.0
+"""Seconds between re-sends of every gauge's last value. Ray 2.60's metrics agent drops a
+gauge series that was not set for two export intervals (about 20 s with the 10 s interval
+seen here), and an idle worker sets none."""
 
 HANDOFF_BYTES_BOUNDARIES = [float(2**exponent) for exponent in range(16, 32, 2)]
 """Histogram bucket upper bounds for KV handoff sizes: 64 KiB to 1 GiB by factors of 4."""
@@ -65,7 +76,8 @@ class EngineMetrics:
         self._define_gauges()
         tags = {"model": model_id, "role": role, "application": application}
         for metric in (
-            self.ttft, self.itl, self.e2e, self.queue_time, self.step_time, self.prompt_tokens,
+            self.ttft, self.itl, self.e2e, self.queue_time, self.step_time, *self.latency_totals.values(),
+            self.prompt_tokens,
             self.generation_tokens, self.requests_finished, self.prefix_queried_tokens, self.prefix_hit_tokens,
             self.prefix_hit_rate, self.num_running, self.num_waiting, self.kv_blocks_used, self.kv_blocks_free,
             self.handoff_bytes, self.handoff_bytes_total, self.handoff_time, self.model_memory,
@@ -73,6 +85,28 @@ class EngineMetrics:
             metric.set_default_tags(tags)
         self._prefix_queried_seen = 0
         self._prefix_hits_seen = 0
+        self._gauge_values: dict[tuple, tuple[Gauge, float, dict | None]] = {}
+        self._gauge_lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._refresh_gauges, name=f"molten-{role}-gauges", daemon=True).start()
+
+    def _set_gauge(self, gauge: Gauge, value: float, tags: dict | None = None) -> None:
+        """Set a gauge and remember the value, so `_refresh_gauges` can send it again."""
+        gauge.set(value, tags=tags)
+        key = (gauge.info["name"], tuple(sorted((tags or {}).items())))
+        with self._gauge_lock:
+            self._gauge_values[key] = (gauge, value, tags)
+
+    def _refresh_gauges(self) -> None:
+        while not self._stop.wait(GAUGE_REFRESH_S):
+            with self._gauge_lock:
+                values = list(self._gauge_values.values())
+            for gauge, value, tags in values:
+                gauge.set(value, tags=tags)
+
+    def stop(self) -> None:
+        """Stop re-sending gauge values."""
+        self._stop.set()
 
     def _define_latencies(self) -> None:
         self.ttft = Histogram(
@@ -113,6 +147,14 @@ class EngineMetrics:
         )
 
     def _define_counters(self) -> None:
+        self.latency_totals = {
+            histogram: Counter(
+                f"{histogram.info['name']}_total",
+                description=f"Sum of the observations of {histogram.info['name']}, exact, in seconds.",
+                tag_keys=TAG_KEYS,
+            )
+            for histogram in (self.ttft, self.itl, self.e2e, self.queue_time)
+        }
         self.prompt_tokens = Counter(
             "molten_prompt_tokens_total",
             description="Prompt tokens of requests that produced their first token.",
@@ -182,22 +224,29 @@ class EngineMetrics:
             tag_keys=(*TAG_KEYS, "kind"),
         )
 
+    def _observe_latency(self, histogram: Histogram, seconds: float) -> None:
+        """Record `seconds` in a latency histogram and in its exact sum counter."""
+        seconds = max(0.0, seconds)
+        histogram.observe(seconds)
+        if seconds > 0:  # Ray counters reject increments of 0
+            self.latency_totals[histogram].inc(seconds)
+
     # -- per token, on the worker's asyncio side ----------------------------------------
 
     def observe_token(self, event: TokenEvent, now: float, arrival_time: float, previous_token_time: float | None) -> None:
         """Record one token handed to the ingress at `now` (unix seconds)."""
         self.generation_tokens.inc()
         if event.index == 0:
-            self.ttft.observe(max(0.0, now - arrival_time))
+            self._observe_latency(self.ttft, now - arrival_time)
             self.prompt_tokens.inc(event.num_prompt_tokens)
         elif previous_token_time is not None:
-            self.itl.observe(max(0.0, now - previous_token_time))
+            self._observe_latency(self.itl, now - previous_token_time)
         if event.handoff is not None:
             self.handoff_bytes.observe(event.handoff.num_bytes)
             self.handoff_bytes_total.inc(event.handoff.num_bytes)
             self.handoff_time.observe(event.handoff.total_ms / 1000)
         if event.finish_reason is not None:
-            self.e2e.observe(max(0.0, now - arrival_time))
+            self._observe_latency(self.e2e, now - arrival_time)
             self.requests_finished.inc(tags={"finish_reason": event.finish_reason})
 
     async def track(
@@ -225,13 +274,13 @@ class EngineMetrics:
         record = engine.step_stats.last()
         if record is not None:
             for admitted in record.admitted:
-                self.queue_time.observe(admitted["queue_ms"] / 1000)
+                self._observe_latency(self.queue_time, admitted["queue_ms"] / 1000)
         scheduler = engine.scheduler
         block_manager = engine.block_manager
-        self.num_running.set(len(scheduler.running))
-        self.num_waiting.set(len(scheduler.waiting))
-        self.kv_blocks_free.set(block_manager.num_free_blocks)
-        self.kv_blocks_used.set(block_manager.num_blocks - block_manager.num_free_blocks)
+        self._set_gauge(self.num_running, len(scheduler.running))
+        self._set_gauge(self.num_waiting, len(scheduler.waiting))
+        self._set_gauge(self.kv_blocks_free, block_manager.num_free_blocks)
+        self._set_gauge(self.kv_blocks_used, block_manager.num_blocks - block_manager.num_free_blocks)
         stats = block_manager.prefix_stats
         if stats.num_queried_tokens != self._prefix_queried_seen:
             # Ray counters reject increments of 0.
@@ -240,8 +289,8 @@ class EngineMetrics:
                 self.prefix_hit_tokens.inc(stats.num_hit_tokens - self._prefix_hits_seen)
             self._prefix_queried_seen = stats.num_queried_tokens
             self._prefix_hits_seen = stats.num_hit_tokens
-            self.prefix_hit_rate.set(stats.hit_rate)
+            self._set_gauge(self.prefix_hit_rate, stats.hit_rate)
 
     def set_model_memory(self, weight_bytes: int, kv_cache_bytes: int) -> None:
-        self.model_memory.set(weight_bytes, tags={"kind": "weights"})
-        self.model_memory.set(kv_cache_bytes, tags={"kind": "kv_cache"})
+        self._set_gauge(self.model_memory, weight_bytes, tags={"kind": "weights"})
+        self._set_gauge(self.model_memory, kv_cache_bytes, tags={"kind": "kv_cache"})

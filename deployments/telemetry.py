@@ -24,6 +24,10 @@ TELEMETRY_ACTOR_NAME = "molten:telemetry"
 TELEMETRY_NAMESPACE = "molten"
 """Ray namespace of the actor, so Serve replicas (which run in Serve's namespace) find it by name."""
 
+_actor_handles: list = []
+"""Handle of the actor this process started or found. Ray destroys a non-detached actor, named
+or not, once its owner holds no handle to it, so the owner keeps this one for its whole life."""
+
 
 @ray.remote
 class TelemetryActor:
@@ -65,7 +69,7 @@ def start_telemetry_actor(config: TelemetryConfig | None = None):
     """Return the cluster's telemetry actor, creating it with `config` if it does not exist yet."""
     config = config or TelemetryConfig()
     config.validate()
-    return TelemetryActor.options(
+    actor = TelemetryActor.options(
         name=TELEMETRY_ACTOR_NAME,
         namespace=TELEMETRY_NAMESPACE,
         get_if_exists=True,
@@ -74,6 +78,8 @@ def start_telemetry_actor(config: TelemetryConfig | None = None):
         # so a slow snapshot never delays a registration.
         max_concurrency=4,
     ).remote(config)
+    _actor_handles[:] = [actor]
+    return actor
 
 
 def find_telemetry_actor():
