@@ -50,7 +50,7 @@ RUN_CONCURRENCY_LIMIT = 1
 
 @dataclasses.dataclass
 class OpenedRecord:
-    """What the "open" view shows for one record."""
+    """The contents of the "open" view for one record."""
 
     note_markdown: str
     """The note without its Observations section, which has its own text box."""
@@ -243,7 +243,7 @@ def _drain(lines: queue.Queue[str], log: list[str]) -> bool:
 
 
 def _note_without_observations(record: ExperimentRecord) -> str:
-    """The note's Markdown minus the Observations section and the plot link (the plot is shown beside it)."""
+    """Render the note without its Observations section and plot link, which the tab shows in their own components."""
     saved_observations = record.observations
     record.observations = ""
     note = record.note_markdown()

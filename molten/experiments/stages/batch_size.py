@@ -74,6 +74,7 @@ def run(settings: BatchSizeSettings, progress: Progress) -> StageResult:
         kv_cache_mib=kv_cache_mib_for(loaded, max_batch * (settings.prompt_tokens + settings.max_tokens + 32)),
     )
     warm_up(engine, loaded.tokenizer)
+
     weight_bytes = loaded.weight_bytes
     rows = []
     for batch_size in sorted(settings.batch_sizes):
@@ -98,6 +99,7 @@ def run(settings: BatchSizeSettings, progress: Progress) -> StageResult:
             round(weight_bytes / batch_size / 1e6, 2),
             round(weight_bytes / (step_ms / 1000) / 1e9, 2),
         ])
+
     first, last = rows[0], rows[-1]
     summary = {
         "weight_mb": round(weight_bytes / 1e6, 1),
@@ -107,6 +109,7 @@ def run(settings: BatchSizeSettings, progress: Progress) -> StageResult:
         "step_time_growth": round(last[1] / first[1], 2),
         "batch_size_ratio": round(last[0] / first[0], 2),
     }
+
     plot = two_panel_plot(
         f"Batch size: {loaded.model_id}, {settings.dtype}",
         "batch size (requests decoding together)",
@@ -115,6 +118,7 @@ def run(settings: BatchSizeSettings, progress: Progress) -> StageResult:
         ("ms", {"decode step (ITL)": [row[1] for row in rows], "TTFT": [row[4] for row in rows]}),
         log_x=True,
     )
+
     explanation = (
         "## What this measures\n\n"
         f"{len(rows)} runs of `{loaded.model_id}` in {settings.dtype}, in-process (`LLMEngine`, no server). "

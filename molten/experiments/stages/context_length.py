@@ -80,6 +80,7 @@ def run(settings: ContextLengthSettings, progress: Progress) -> StageResult:
         kv_cache_mib=kv_cache_mib_for(loaded, max_model_len + 64),
     )
     warm_up(engine, loaded.tokenizer)
+
     bytes_per_token = kv_bytes_per_token(loaded)
     rows = []
     for length in sorted(settings.context_lengths):
@@ -94,6 +95,7 @@ def run(settings: ContextLengthSettings, progress: Progress) -> StageResult:
             round((length + settings.max_tokens) * bytes_per_token / 2**20, 3),
             result.peak_blocks_used,
         ])
+
     first, last = rows[0], rows[-1]
     summary = {
         "kv_bytes_per_token": bytes_per_token,
@@ -104,6 +106,7 @@ def run(settings: ContextLengthSettings, progress: Progress) -> StageResult:
         f"ttft_ms_at_{first[0]}": first[1],
         f"ttft_ms_at_{last[0]}": last[1],
     }
+
     plot = two_panel_plot(
         f"Context length: {loaded.model_id}, {settings.dtype}",
         "prompt tokens",
@@ -112,7 +115,9 @@ def run(settings: ContextLengthSettings, progress: Progress) -> StageResult:
         ("ITL ms (one decode step)", {"ITL p50": [row[3] for row in rows]}),
         log_x=True,
     )
+
     config = loaded.config
+
     explanation = (
         "## What this measures\n\n"
         f"One request at a time through `LLMEngine` in-process: a prompt of each length, then "

@@ -3,8 +3,8 @@
 Co-located: one `LLMEngine` prefills and decodes every request. Disaggregated: a prefill
 engine (requests added with `prefill_only=True`) computes each prompt and samples the
 first token. Its `export_sequence` packs the sequence with its KV blocks into a
-`KVHandoff`. The handoff is pickled and unpickled, which stands in for the copy Ray's
-object store makes between two workers. A second engine's `import_sequence` then writes
+`KVHandoff`. The handoff is pickled and unpickled, in place of the copy Ray's object
+store makes between two workers. A second engine's `import_sequence` then writes
 the blocks into its own pool and decodes. Both engines share one process and one copy of
 the weights.
 

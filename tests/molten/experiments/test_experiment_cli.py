@@ -40,7 +40,8 @@ def test_list_show_compare(records_dir, capsys):
     first, second = record_ids(records_dir)
     assert main(["experiment", "list", "--dir", str(records_dir)]) == 0
     listing = capsys.readouterr().out
-    assert first in listing and second in listing
+    assert first in listing
+    assert second in listing
 
     assert main(["experiment", "show", first, "--dir", str(records_dir)]) == 0
     note = capsys.readouterr().out

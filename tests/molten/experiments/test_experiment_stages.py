@@ -62,7 +62,8 @@ def test_context_length_kv_grows_with_tokens(tmp_path):
     lengths = column(record, "prompt tokens")
     assert lengths == [16, 32, 64, 128]
     kv_mib = column(record, "KV MiB at end")
-    assert kv_mib == sorted(kv_mib) and len(set(kv_mib)) == len(kv_mib)
+    assert kv_mib == sorted(kv_mib)
+    assert len(set(kv_mib)) == len(kv_mib)
     max_tokens = record.settings["max_tokens"]
     for length, mib in zip(lengths, kv_mib):
         assert mib == pytest.approx((length + max_tokens) * TINY_KV_BYTES_PER_TOKEN_FP32 / 2**20, abs=1e-3)
