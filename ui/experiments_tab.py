@@ -201,15 +201,16 @@ class ExperimentsController:
             return f"Error: {error}", self.records_frame()
         return f"Saved observations of {record_id} at {time.strftime('%H:%M:%S')}.", self.records_frame()
 
-    def compare(self, record_ids: list[str] | None) -> tuple[str, pd.DataFrame]:
-        """Return (status, side-by-side table) for two or more records."""
+    def compare(self, record_ids: list[str] | None) -> tuple[str, pd.DataFrame, list[tuple[Image.Image, str]]]:
+        """Return (status, side-by-side table, each record's plot with its id as caption) for two or more records."""
         try:
             records = [load_record(record_id, self.root) for record_id in record_ids or []]
             columns, rows = compare_records(records)
         except RecordError as error:
-            return f"Error: {error}", pd.DataFrame()
+            return f"Error: {error}", pd.DataFrame(), []
         frame = pd.DataFrame([[str(cell) for cell in row] for row in rows], columns=columns)
-        return f"Comparing {len(records)} records.", frame
+        plots = [(Image.open(io.BytesIO(record.plot_png)), record.record_id) for record in records if record.plot_png]
+        return f"Comparing {len(records)} records.", frame, plots
 
     def export(self, record_id: str | None) -> tuple[str, str | None]:
         """Write the record's zip into a fresh temporary folder; return (status, file path for download)."""
@@ -305,6 +306,7 @@ def build_experiments_tab(root: Path | None = None) -> ExperimentsController:
             compare_button = gr.Button("Compare")
         compare_status = gr.Markdown()
         compare_table = gr.Dataframe(interactive=False, wrap=True)
+        compare_plots = gr.Gallery(label="plots", columns=2, height="auto")
 
         stage.change(controller.describe_stage, stage, stage_help)
         run_button.click(
@@ -321,5 +323,5 @@ def build_experiments_tab(root: Path | None = None) -> ExperimentsController:
         import_button.click(
             controller.import_file, import_file, [transfer_status, records_table, record_id, compare_ids]
         )
-        compare_button.click(controller.compare, compare_ids, [compare_status, compare_table])
+        compare_button.click(controller.compare, compare_ids, [compare_status, compare_table, compare_plots])
     return controller

@@ -53,12 +53,15 @@ def test_save_observations_round_trip(controller):
 
 def test_compare_two_records(controller):
     first, second = controller.record_ids()
-    status, frame = controller.compare([first, second])
+    status, frame, plots = controller.compare([first, second])
     assert status == "Comparing 2 records."
     assert list(frame.columns) == ["figure", first, second]
     assert "throughput_gain" in list(frame["figure"])
-    status, _ = controller.compare([first])
+    assert [caption for _, caption in plots] == [first, second]
+    assert all(isinstance(image, Image.Image) for image, _ in plots)
+    status, _, plots = controller.compare([first])
     assert "at least two" in status
+    assert plots == []
 
 
 def test_export_then_import(controller):
