@@ -1,6 +1,6 @@
 """Builds the Molten Serve application and starts Ray and Serve on the loopback interface.
 
-The application holds the HTTP ingress and the model manager (`molten:model-manager`).
+The application contains the HTTP ingress and the model manager (`molten:model-manager`).
 Models are not part of it: the manager deploys each model's workers as their own Serve
 applications, and `run_app` asks it to load the settings' model.
 """

@@ -12,7 +12,7 @@ MODES = ("disaggregated", "colocated")
 
 @dataclass
 class ManagerSettings:
-    """How the model manager loads, drains and budgets models."""
+    """Settings of the model manager: waiting for loads, draining, the memory budget and warm-up."""
 
     load_wait_timeout_s: float = 30.0
     """Seconds a request for a model that is still loading waits before it gets 503 with Retry-After."""

@@ -1,7 +1,7 @@
 """Ten load, generate, unload cycles return Molten's process memory to its level after the first unload.
 
 What is measured: after each unload the manager snapshots the RSS of the processes that
-outlive a model (the manager and the ingress; a model's worker processes exit with it).
+outlive a model, which are the manager and the ingress. A model's worker processes exit with it.
 The test checks that every later level is within 5% of the level after the first unload,
 and that each cycle's worker process is gone, so its memory went back to the system.
 """

@@ -102,7 +102,8 @@ def test_cli_status_shows_ledger():
     text = format_status(sample_status())
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["MODEL", "STATE", "MODE"]
-    assert "1.0 MiB" in lines[1] and "2.0 MiB" in lines[1] and "10.0 MiB" in lines[1] and "1.50 s" in lines[1]
+    for cell in ("1.0 MiB", "2.0 MiB", "10.0 MiB", "1.50 s"):
+        assert cell in lines[1]
     assert "bad failed: no such model" in text
     assert "alias chat -> m (weight 1)" in text
     assert "10.0 MiB used of a 64.0 MiB budget (54.0 MiB free)" in text
