@@ -330,10 +330,10 @@ class LLMEngine:
                 self.kv_cache.import_blocks([copy_id], self.kv_cache.export_blocks([parent.block_table[last_index]]))
                 child.block_table = list(shared) + [copy_id]
                 child.num_computed_tokens = parent.num_prompt_tokens - 1
+                self.num_forked_blocks_shared += len(shared)
             self.scheduler.add(child, enforce_queue_limit=False)
             siblings.append(child)
             self.outputs[child.seq_id] = OutputProcessor(self.tokenizer, child)
-        self.num_forked_blocks_shared += len(shared) * num_children
 
     # -- beam search (beam_search.py) -----------------------------------------------------
 
