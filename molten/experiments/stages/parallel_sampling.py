@@ -1,26 +1,27 @@
 """Stage 7: KV memory of parallel sampling (n completions of one prompt).
 
 The n sequences of a request share their prompt, so its K and V need to be stored only
-once. Molten's engine takes one sequence per request: `n > 1` is fanned out into n
-engine requests, which share the prompt's full KV blocks only through the prefix cache,
-and only once the first of them has computed those blocks. This stage measures the peak
-KV blocks of that path in three ways: without the prefix cache, with it and all n
-admitted together, and with it and the first sequence prefilled before the others join.
-It sets them beside the arithmetic for forking inside the engine, which Molten does not do.
+once. This stage measures the peak KV blocks of n completions of one prompt in four
+ways. Three run n separate engine requests: without the prefix cache, with it and all n
+admitted together, and with it and the first request prefilled before the others join.
+The fourth is one engine request with `n` set, which the engine forks once the prompt
+is computed (`LLMEngine._fork`): the children share the parent's prompt blocks by
+reference count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 
 from molten.engine.llm_engine import LLMEngine
+from molten.engine.sampling_params import SamplingParams
 from molten.experiments.measure import (
     ExperimentTimeoutError,
     Progress,
     build_engine,
-    fixed_length_params,
     kv_cache_mib_for,
     load_for_experiment,
     make_prompt,
@@ -31,7 +32,11 @@ from molten.experiments.stages.base import Stage, StageResult, check_positive
 
 logger = logging.getLogger(__name__)
 
-MODES = ("no prefix cache", "prefix cache, together", "prefix cache, staggered")
+NO_PREFIX_CACHE = "no prefix cache"
+TOGETHER = "prefix cache, together"
+STAGGERED = "prefix cache, staggered"
+FORKED = "forked in the engine"
+MODES = (NO_PREFIX_CACHE, TOGETHER, STAGGERED, FORKED)
 
 
 @dataclass
@@ -59,13 +64,18 @@ QUICK = {"model": "tiny-random-llama", "n_values": [1, 2, 4], "prompt_tokens": 6
 
 COLUMNS = [
     "n",
-    "peak blocks, no prefix cache",
-    "peak blocks, prefix cache, together",
-    "peak blocks, prefix cache, staggered",
-    "blocks if forked in the engine (arithmetic)",
-    "peak KV MiB, no prefix cache",
-    "peak KV MiB, staggered",
+    f"peak blocks, {NO_PREFIX_CACHE}",
+    f"peak blocks, {TOGETHER}",
+    f"peak blocks, {STAGGERED}",
+    f"peak blocks, {FORKED}",
+    f"peak KV MiB, {NO_PREFIX_CACHE}",
+    f"peak KV MiB, {FORKED}",
 ]
+
+
+def sampling_params(settings: ParallelSamplingSettings, n: int) -> SamplingParams:
+    """Seeded sampling at temperature 1, so the n completions differ as they would in use."""
+    return SamplingParams(max_tokens=settings.max_tokens, temperature=1.0, seed=0, ignore_eos=True, n=n)
 
 
 def run(settings: ParallelSamplingSettings, progress: Progress) -> StageResult:
@@ -85,97 +95,99 @@ def run(settings: ParallelSamplingSettings, progress: Progress) -> StageResult:
         return built
 
     rows = []
-    block_bytes = 0
     for n in sorted(settings.n_values):
         peaks = []
         for mode in MODES:
             progress(f"n={n}: {mode}")
-            built = engine(prefix_caching=mode != MODES[0])
-            block_bytes = built.kv_cache.spec.bytes_per_block
-            peaks.append(_peak_blocks(built, prompt, n, staggered=mode == MODES[2], settings=settings))
-        kv_block_size = built.facts.kv_block_size
+            built = engine(prefix_caching=mode in (TOGETHER, STAGGERED))
+            peaks.append(_peak_blocks(built, prompt, n, mode, settings))
+        block_bytes = built.kv_cache.spec.bytes_per_block
         rows.append([
             n,
             *peaks,
-            _forked_blocks(settings.prompt_tokens, settings.max_tokens, n, kv_block_size),
             round(peaks[0] * block_bytes / 2**20, 3),
-            round(peaks[2] * block_bytes / 2**20, 3),
+            round(peaks[3] * block_bytes / 2**20, 3),
         ])
+
     last = rows[-1]
+    kv_block_size = built.facts.kv_block_size
     summary = {
         "kv_block_size": kv_block_size,
         "kv_bytes_per_block": block_bytes,
         f"peak_blocks_no_sharing_n{last[0]}": last[1],
         f"peak_blocks_staggered_n{last[0]}": last[3],
-        f"blocks_forked_arithmetic_n{last[0]}": last[4],
-        "saving_staggered_vs_no_sharing": round(1 - last[3] / last[1], 3) if last[1] else 0.0,
+        f"peak_blocks_forked_n{last[0]}": last[4],
+        "saving_forked_vs_no_sharing": round(1 - last[4] / last[1], 3) if last[1] else 0.0,
     }
     plot = two_panel_plot(
         "Parallel sampling: peak KV blocks for n completions of one prompt",
         "n (completions)",
         [row[0] for row in rows],
-        ("peak KV blocks", {MODES[index]: [row[1 + index] for row in rows] for index in range(3)}
-         | {"forked in the engine (arithmetic)": [row[4] for row in rows]}),
-        ("peak KV MiB", {"no prefix cache": [row[5] for row in rows], "prefix cache, staggered": [row[6] for row in rows]}),
+        ("peak KV blocks", {mode: [row[1 + index] for row in rows] for index, mode in enumerate(MODES)}),
+        ("peak KV MiB", {NO_PREFIX_CACHE: [row[5] for row in rows], FORKED: [row[6] for row in rows]}),
     )
+
     prompt_blocks = settings.prompt_tokens // kv_block_size
     explanation = (
         "## What this measures\n\n"
-        f"n completions of one {settings.prompt_tokens}-token prompt, {settings.max_tokens} tokens each, "
-        "through `LLMEngine` in-process, as the server runs a request with `n > 1`: n separate engine "
-        "requests. The figure is the most KV blocks held at once, read after every step.\n\n"
-        "- **no prefix cache**: every completion stores its own copy of the prompt's K and V.\n"
-        "- **prefix cache, together**: all n are admitted in the same step. The prompt blocks are hashed only "
-        "after they are computed, so no completion finds another's blocks and nothing is shared.\n"
-        "- **prefix cache, staggered**: the first completion is prefilled, then the others join and reuse its "
-        f"full prompt blocks (up to {prompt_blocks}) from the prefix cache. Only full blocks are hashed, so a "
-        "partly filled last prompt block is not shared. The block holding the prompt's last token is not "
-        "shared either, because the engine computes that token again to get the logits of the first output "
-        "token (`BlockManager.match_prefix`).\n"
-        "- **forked in the engine (arithmetic, not measured)**: a sequence forked after its prompt would "
-        "share every full prompt block and copy the partial one on its first write (copy-on-write). "
-        "Molten's engine has no fork: `LLMEngine.add_request` rejects `n > 1`. This column is what such a "
-        "fork would need: full prompt blocks once, plus per completion the blocks for the prompt's "
-        "remainder and its own tokens.\n\n"
+        f"n completions of one {settings.prompt_tokens}-token prompt, {settings.max_tokens} tokens each "
+        "(temperature 1, seeded), through `LLMEngine` in-process. The figure is the most KV blocks held at "
+        "once, read after every step.\n\n"
+        "- **no prefix cache**: n separate requests, each storing its own copy of the prompt's K and V.\n"
+        "- **prefix cache, together**: n separate requests admitted in the same step. Prompt blocks are "
+        "hashed only after they are computed, so no request finds another's blocks and nothing is shared.\n"
+        "- **prefix cache, staggered**: the first request is prefilled, then the others join and reuse its "
+        f"full prompt blocks (up to {prompt_blocks}) from the prefix cache. The block holding the prompt's last "
+        "token is not reused, because the engine computes that token again to get the logits of the first "
+        "output token (`BlockManager.match_prefix`).\n"
+        "- **forked in the engine**: one request with `n` set. Once its prompt is computed the engine forks "
+        "n - 1 children that share the prompt blocks by reference count and copy only the block holding the "
+        "last prompt token, which each child recomputes (copy-on-write at the fork).\n\n"
         "## What to expect, and why\n\n"
         "Without sharing, KV memory grows as n x (prompt + output). With sharing it grows as "
         "prompt + n x output, so the saving is largest for long prompts and short answers. "
-        f"Here, at n={last[0]}, the staggered prefix cache held {last[3]} blocks against {last[1]} without "
-        f"sharing ({summary['saving_staggered_vs_no_sharing']:.0%} less)."
+        f"Here, at n={last[0]}, the forked request held {last[4]} blocks against {last[1]} without "
+        f"sharing ({summary['saving_forked_vs_no_sharing']:.0%} less), and the staggered prefix cache {last[3]}."
     )
     return StageResult(summary, COLUMNS, rows, plot, explanation)
 
 
-def _forked_blocks(prompt_tokens: int, max_tokens: int, n: int, kv_block_size: int) -> int:
-    shared = prompt_tokens // kv_block_size
-    own_tokens = prompt_tokens - shared * kv_block_size + max_tokens
-    return shared + n * -(-own_tokens // kv_block_size)
-
-
-def _peak_blocks(engine: LLMEngine, prompt: list[int], n: int, *, staggered: bool, settings: ParallelSamplingSettings) -> int:
-    """Run n completions of `prompt` and return the most KV blocks in use after any step."""
-    params = fixed_length_params(settings.max_tokens)
-    request_ids = [f"parallel-{time.monotonic_ns()}-{index}" for index in range(n)]
+def _peak_blocks(engine: LLMEngine, prompt: list[int], n: int, mode: str, settings: ParallelSamplingSettings) -> int:
+    """Run n completions of `prompt` in `mode` and return the most KV blocks in use after any step."""
+    if mode == FORKED:
+        requests = [(f"parallel-{time.monotonic_ns()}", sampling_params(settings, n))]
+    else:
+        # Separate requests get seeds 0..n-1, as the router gives the requests of a fan-out.
+        base = sampling_params(settings, 1)
+        requests = [
+            (f"parallel-{time.monotonic_ns()}-{index}", dataclasses.replace(base, seed=index))
+            for index in range(n)
+        ]
     manager = engine.block_manager
     deadline = time.perf_counter() + settings.time_limit_s
     peak = 0
-    pending = list(request_ids)
+    pending = list(requests)
+
+    def add_next() -> None:
+        request_id, params = pending.pop(0)
+        engine.add_request(request_id, prompt, params)
+
     try:
-        engine.add_request(pending.pop(0), prompt, params)
-        if not staggered:
+        add_next()
+        if mode != STAGGERED:
             while pending:
-                engine.add_request(pending.pop(0), prompt, params)
+                add_next()
         while engine.has_unfinished() or pending:
             if time.perf_counter() > deadline:
-                raise ExperimentTimeoutError(f"n={n} did not finish within {settings.time_limit_s:.0f} s; use --quick")
+                raise ExperimentTimeoutError(f"n={n} ({mode}) did not finish within {settings.time_limit_s:.0f} s; use --quick")
             events = engine.step()
             peak = max(peak, manager.num_blocks - manager.num_free_blocks)
             if pending and events:
-                # The first completion's prompt is computed and its full blocks are in the prefix cache.
+                # The first request's prompt is computed and its full blocks are in the prefix cache.
                 while pending:
-                    engine.add_request(pending.pop(0), prompt, params)
+                    add_next()
     finally:
-        for request_id in request_ids:
+        for request_id, _ in requests:
             engine.abort_request(request_id)
     return peak
 
