@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from molten.bench.choices import DOOR_NAMES, DTYPE_NAMES, PEER_NAMES, WORKLOAD_NAMES
+from molten.bench.choices import DOOR_NAMES, DTYPE_NAMES, PEER_NAMES, QUANTIZED_NAMES, WORKLOAD_NAMES
 
 DESCRIPTION = """\
 Measure Molten and its peers side by side on this machine and write the results page.
@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight and activation dtypes for the engine door and transformers; the first one is "
                              "also used by the served doors and the single-dtype workloads (default: float32, plus "
                              "bfloat16 when the CPU has bfloat16 instructions)")
+    parser.add_argument("--quantized", type=_names(QUANTIZED_NAMES), default=list(QUANTIZED_NAMES),
+                        help="integer weight precisions the single workload also runs the engine door in, to find "
+                             "Molten's fastest precision; an empty string runs none "
+                             f"(default: {','.join(QUANTIZED_NAMES)})")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads for Molten and transformers, and llama.cpp threads (default: all cores, "
                              "%(default)s here)")
@@ -107,6 +111,7 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         doors=args.doors,
         dtypes=dtypes,
         dtype_note=dtype_note,
+        quantized=args.quantized,
         peers=args.peers,
         num_threads=args.threads,
         seed=args.seed,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from molten.bench.choices import DOOR_NAMES, DTYPE_NAMES, PEER_NAMES, WORKLOAD_NAMES
+from molten.bench.choices import DOOR_NAMES, DTYPE_NAMES, PEER_NAMES, QUANTIZED_NAMES, WORKLOAD_NAMES
 from molten.bench.metrics import RequestRecord, RequestSpec, RunMetrics, summarize_run
 from molten.bench.roofline import Ceilings
 from molten.bench.workloads import WorkloadSizes
@@ -48,6 +48,8 @@ class BenchOptions:
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     dtype_note: str | None = None
     """Reason a dtype was left out of the default selection, printed on the page."""
+    quantized: list[str] = field(default_factory=list)
+    """Integer weight precisions (`int8`, `int4`) the single workload also runs the engine door in."""
     peers: list[str] = field(default_factory=lambda: list(PEER_NAMES))
     num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     seed: int = 0
@@ -64,6 +66,7 @@ class BenchOptions:
             ("doors", self.doors, DOOR_NAMES),
             ("peers", self.peers, PEER_NAMES),
             ("dtypes", self.dtypes, DTYPE_NAMES),
+            ("quantized", self.quantized, QUANTIZED_NAMES),
         ):
             unknown = [item for item in chosen if item not in allowed]
             if unknown:
@@ -154,11 +157,19 @@ class BenchContext:
     # -- models ---------------------------------------------------------------------------
 
     def engine_model(self, dtype: str):
-        """Load the model Molten's engine runs, once per dtype (the engine swaps in its own attention)."""
+        """Load the model Molten's engine runs, once per dtype (the engine swaps in its own attention).
+
+        `dtype` may also be a quantized precision (`int8`, `int4`): the model is then loaded
+        as `<model>:<precision>`, with float32 activations.
+        """
         if dtype not in self._engine_models:
             from molten.models import load_model
 
-            self._engine_models[dtype] = load_model(self.options.model, dtype=getattr(torch, dtype))
+            if dtype in QUANTIZED_NAMES:
+                loaded = load_model(f"{self.options.model}:{dtype}", dtype=torch.float32)
+            else:
+                loaded = load_model(self.options.model, dtype=getattr(torch, dtype))
+            self._engine_models[dtype] = loaded
         return self._engine_models[dtype]
 
     def peer_model(self, dtype: str):
@@ -202,7 +213,7 @@ class BenchContext:
             raise ValueError(f"not a CacheConfig or SchedulerConfig field: {', '.join(sorted(unknown))}")
         return EngineConfig(
             model=self.options.model,
-            dtype=dtype,
+            dtype="float32" if dtype in QUANTIZED_NAMES else dtype,
             max_model_len=self.options.max_model_len,
             num_threads=self.options.num_threads,
             cache=replace(cache, **cache_fields),

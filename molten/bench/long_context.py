@@ -2,9 +2,16 @@
 
 The context sweep runs one request per length (256, 512, ... up to max_model_len) on
 an otherwise idle engine. The interference run starts several short streams and sends
-a few long prompts while they decode. It runs once with chunked prefill on (the
-default token budget per step) and once with it off (a whole prompt in one step), and
-reports the ITL tail of the decoding streams.
+a few long prompts while they decode. It runs with chunked prefill on at each token
+budget per step in `interference_chunk_budgets` (the default first, then smaller
+ones), and once with it off (a whole prompt in one step), and reports the ITL tail of
+the decoding streams.
+
+Why smaller budgets: a step that carries a prefill chunk of c tokens takes about one
+decode step plus c times the per-token prefill cost, and every decoding stream waits
+for it. While most steps are plain decode steps (the p50), ITL p99 / p50 stays under
+3 only if the chunk costs less than about two of them. The budget that meets it
+therefore depends on the machine's speed.
 """
 
 from __future__ import annotations
@@ -24,8 +31,30 @@ def length_key(length: int) -> str:
     return f"long-context/{length}"
 
 
-def interference_key(chunked: bool) -> str:
-    return f"interference/chunked-{'on' if chunked else 'off'}"
+def interference_key(chunked: bool, budget: int | None = None) -> str:
+    """Key of one interference run; chunked runs also name their token budget per step."""
+    if not chunked:
+        return "interference/chunked-off"
+    return f"interference/chunked-on-{budget}"
+
+
+def chunked_interference_keys(context: BenchContext) -> list[str]:
+    return [interference_key(True, budget) for budget in context.sizes.interference_chunk_budgets]
+
+
+def chosen_interference(context: BenchContext) -> InterferenceResult | None:
+    """Pick the chunked run for the ITL target: the largest budget that keeps p99 <= 3 x p50, else the lowest ratio.
+
+    The largest qualifying budget is chosen because smaller chunks delay the long prompts' first token.
+    """
+    runs = [context.results.get(result_key) for result_key in chunked_interference_keys(context)]
+    runs = [run for run in runs if isinstance(run, InterferenceResult) and run.decode.itl is not None]
+    if not runs:
+        return None
+    meeting = [run for run in runs if run.itl_ratio is not None and run.itl_ratio <= 3.0]
+    if meeting:
+        return max(meeting, key=lambda run: run.max_num_batched_tokens)
+    return min(runs, key=lambda run: run.itl_ratio if run.itl_ratio is not None else float("inf"))
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,14 @@ class InterferenceResult:
     long: RunMetrics
     """The long prompts (their TTFT)."""
     max_num_batched_tokens: int
+
+    @property
+    def itl_ratio(self) -> float | None:
+        """ITL p99 / p50 of the decoding streams."""
+        itl = self.decode.itl
+        if itl is None or not itl.p50_ms:
+            return None
+        return itl.p99_ms / itl.p50_ms
 
 
 def plan(context: BenchContext) -> list[Measurement]:
@@ -49,12 +86,14 @@ def plan(context: BenchContext) -> list[Measurement]:
         )
         for length in context_lengths(sizes, context.facts(dtype).max_model_len)
     ]
-    for chunked in (True, False):
+    runs = [(True, budget) for budget in sizes.interference_chunk_budgets] + [(False, None)]
+    for chunked, budget in runs:
+        setting = f"on, budget {budget} tokens/step" if chunked else "off"
         measurements.append(Measurement(
-            interference_key(chunked), Stage.IN_PROCESS,
+            interference_key(chunked, budget), Stage.IN_PROCESS,
             f"long prompts during decode: {sizes.interference_streams} streams + "
-            f"{sizes.interference_long_prompts} long prompts, chunked prefill {'on' if chunked else 'off'}",
-            partial(_measure_interference, chunked=chunked),
+            f"{sizes.interference_long_prompts} long prompts, chunked prefill {setting}",
+            partial(_measure_interference, chunked=chunked, budget=budget),
         ))
     return measurements
 
@@ -65,12 +104,12 @@ def _measure_length(context: BenchContext, length: int) -> RunMetrics:
     return context.measure_engine([request], dtype)
 
 
-def _measure_interference(context: BenchContext, chunked: bool) -> InterferenceResult:
+def _measure_interference(context: BenchContext, chunked: bool, budget: int | None) -> InterferenceResult:
     dtype = context.first_dtype
     facts = context.facts(dtype)
     requests = interference_requests(context.sizes, facts.vocab_size, context.options.seed, facts.max_model_len)
     if chunked:
-        overrides = {}
+        overrides = {"max_num_batched_tokens": budget}
     else:
         # Without chunking the scheduler needs a budget that fits the longest prompt in one step.
         overrides = {"enable_chunked_prefill": False, "max_num_batched_tokens": facts.max_model_len}
@@ -129,8 +168,9 @@ def section(context: BenchContext) -> Section:
 def _add_interference(context: BenchContext, section: Section) -> None:
     sizes = context.sizes
     rows = []
-    for chunked in (True, False):
-        result = context.results.get(interference_key(chunked))
+    runs = [(True, budget) for budget in sizes.interference_chunk_budgets] + [(False, None)]
+    for chunked, budget in runs:
+        result = context.results.get(interference_key(chunked, budget))
         name = "on" if chunked else "off"
         if isinstance(result, Skipped):
             rows.append([name, "skipped: " + result.reason] + [""] * 5)

@@ -43,7 +43,9 @@ def plan(context: BenchContext) -> list[Measurement]:
     what = f"{sizes.single_prompt_len}-token prompt, {sizes.single_new_tokens} new tokens, {sizes.repeats} round(s)"
     in_process: list[tuple[str, SystemSetup]] = []
     if "engine" in options.doors:
-        in_process += [(key("engine", dtype), partial(_set_up_engine, dtype=dtype)) for dtype in options.dtypes]
+        in_process += [
+            (key("engine", precision), partial(_set_up_engine, dtype=precision)) for precision in engine_precisions(context)
+        ]
     if "transformers" in options.peers:
         in_process += [
             (key("transformers", dtype), partial(_set_up_transformers, dtype=dtype)) for dtype in options.dtypes
@@ -104,10 +106,20 @@ def _measure_in_turn(context: BenchContext, systems: list[tuple[str, SystemSetup
     return ResultsByKey(results)
 
 
+def engine_precisions(context: BenchContext) -> list[str]:
+    """Return the engine door's precisions: the float dtypes, then the integer weight precisions."""
+    return [*context.options.dtypes, *context.options.quantized]
+
+
 def _set_up_engine(context: BenchContext, dtype: str) -> SystemRun:
     from molten.bench.door_engine import EngineDoor
+    from molten.models.errors import PrecisionError
 
-    door = EngineDoor.build(context.engine_config(dtype), context.engine_model(dtype))
+    try:
+        loaded = context.engine_model(dtype)
+    except PrecisionError as exc:
+        raise SystemUnavailableError(str(exc)) from None
+    door = EngineDoor.build(context.engine_config(dtype), loaded)
     limit_s = context.options.run_time_limit_s
     return lambda requests: summarize_run(DOOR_LABELS["engine"], dtype, door.run(requests, limit_s))
 
@@ -150,8 +162,8 @@ def _decode_ceiling(context: BenchContext, weight_bytes: int | None) -> float | 
 
 
 def fastest_molten(context: BenchContext) -> RunMetrics | None:
-    """Return the engine door's fastest single-stream run over the measured dtypes."""
-    runs = [context.results.get(key("engine", dtype)) for dtype in context.options.dtypes]
+    """Return the engine door's fastest single-stream run over the measured precisions."""
+    runs = [context.results.get(key("engine", precision)) for precision in engine_precisions(context)]
     runs = [run for run in runs if isinstance(run, RunMetrics)]
     return max(runs, key=lambda run: run.decode_tokens_per_s or 0.0, default=None)
 
@@ -161,6 +173,7 @@ def section(context: BenchContext) -> Section:
     rows = []
     systems = ("engine", "handle", "http", "transformers")
     keys = [key(system, dtype) for system in systems for dtype in context.options.dtypes]
+    keys += [key("engine", precision) for precision in context.options.quantized]
     keys.append(LLAMACPP_KEY)
     for result_key in keys:
         if result_key not in context.results:

@@ -121,12 +121,13 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
         "engine door", _why_missing(context, shared_prefix.key(True), shared_prefix.key(False)),
     ))
 
-    interference = results.get(long_context.interference_key(True))
-    itl = interference.decode.itl if isinstance(interference, long_context.InterferenceResult) else None
+    interference = long_context.chosen_interference(context)
+    itl = interference.decode.itl if interference is not None else None
+    budget = f"budget {interference.max_num_batched_tokens} tokens/step, " if interference is not None else ""
     targets.append(_ratio(
         "long prompts during decode, chunked prefill on: ITL p99 / ITL p50", 3.0, False,
         itl.p99_ms if itl else None, itl.p50_ms if itl else None,
-        "decoding streams only", _why_missing(context, long_context.interference_key(True)),
+        f"{budget}decoding streams only", _why_missing(context, *long_context.chunked_interference_keys(context)),
     ))
     return targets
 

@@ -56,6 +56,12 @@ class WorkloadSizes:
     interference_long_len: int
     interference_first_arrival_s: float
     interference_arrival_gap_s: float
+    interference_chunk_budgets: tuple[int, ...]
+    """Token budgets per step (decode tokens plus the prefill chunk) of the chunked-prefill runs.
+
+    The first is the scheduler's default. A step's time grows with its chunk, so the
+    smaller budgets show how far the chunk must shrink for the ITL tail to stay near
+    the plain decode step."""
 
     @classmethod
     def full(cls) -> WorkloadSizes:
@@ -83,6 +89,7 @@ class WorkloadSizes:
             interference_long_len=2048,
             interference_first_arrival_s=2.0,
             interference_arrival_gap_s=2.0,
+            interference_chunk_budgets=(512, 128, 64, 40),
         )
 
     @classmethod
@@ -112,6 +119,7 @@ class WorkloadSizes:
             interference_long_len=512,
             interference_first_arrival_s=1.0,
             interference_arrival_gap_s=1.0,
+            interference_chunk_budgets=(512, 128, 40),
         )
 
 
