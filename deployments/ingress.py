@@ -52,7 +52,7 @@ from molten.protocol.openai import (
 from molten.tokenization.chat import ChatFormatError, render_chat, validate_messages
 
 from molten.deployments.router import PreparedRequest, RequestRouter, compare_streams
-from molten.deployments.telemetry import find_telemetry_actor, register_with_telemetry
+from molten.deployments.telemetry import read_peaks, read_telemetry, register_with_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -433,32 +433,19 @@ class MoltenIngress:
 
     async def telemetry(self, since: float | None = None) -> dict:
         """Telemetry samples taken after `since` (unix seconds), from the `molten:telemetry` actor."""
-        actor = find_telemetry_actor()
-        if actor is None:
-            return {
-                "source": None,
-                "notice": "The molten:telemetry actor is not running, so there are no telemetry samples.",
-                "interval_s": None,
-                "samples": [],
-            }
-        return await actor.snapshot.remote(since)
+        return await read_telemetry(since)
 
     async def steps(self, since_step: int | None = None) -> dict:
         """Step records of every worker with a step id above `since_step`, and the roofline peaks.
 
         `workers` holds the default model's workers by role; `models` lists every ready model.
         """
-        actor = find_telemetry_actor()
-        peaks_call = actor.peaks.remote() if actor is not None else None
         routers = await self.routes()
         models = []
         for model_id, router in routers.items():
             replies = await asyncio.gather(*(worker.steps.remote(since_step) for worker in router.workers))
             models.append({"model": model_id, "mode": router.mode, "workers": {r["role"]: r["steps"] for r in replies}})
-        if peaks_call is not None:
-            peaks = await peaks_call
-        else:
-            peaks = {"bandwidth_bytes_per_s": None, "flops_per_s": None, "source": "the telemetry actor is not running"}
+        peaks = await read_peaks()
         add_utilizations(models, peaks)
         primary = next((m for m in models if m["model"] == self.model_id), models[0] if models else None)
         return {

@@ -255,13 +255,14 @@ class EngineMetrics:
         """Yield `events` unchanged, recording each token as it leaves the worker.
 
         Closing this stream closes `events`, so an early stop still aborts the request.
+        A request with several sequences (n > 1) gets one ITL chain per sequence.
         """
-        previous = previous_token_time
+        previous: dict[int, float] = {}
         try:
             async for event in events:
                 now = time.time()
-                self.observe_token(event, now, arrival_time, previous)
-                previous = now
+                self.observe_token(event, now, arrival_time, previous.get(event.seq_index, previous_token_time))
+                previous[event.seq_index] = now
                 yield event
         finally:
             await events.aclose()

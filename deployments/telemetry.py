@@ -25,8 +25,9 @@ TELEMETRY_NAMESPACE = "molten"
 """Ray namespace of the actor, so Serve replicas (which run in Serve's namespace) find it by name."""
 
 _actor_handles: list = []
-"""Handle of the actor this process started or found. Ray destroys a non-detached actor, named
-or not, once its owner holds no handle to it, so the owner keeps this one for its whole life."""
+"""Handles of the telemetry actors this process started or found, one per actor. Ray destroys
+a non-detached actor, named or not, once its owner drops its last handle. A later lookup
+returns a new handle to the same actor, so the first one must be kept, not replaced."""
 
 
 @ray.remote
@@ -78,7 +79,8 @@ def start_telemetry_actor(config: TelemetryConfig | None = None):
         # so a slow snapshot never delays a registration.
         max_concurrency=4,
     ).remote(config)
-    _actor_handles[:] = [actor]
+    if actor not in _actor_handles:
+        _actor_handles.append(actor)
     return actor
 
 
@@ -88,6 +90,31 @@ def find_telemetry_actor():
         return ray.get_actor(TELEMETRY_ACTOR_NAME, namespace=TELEMETRY_NAMESPACE)
     except ValueError:
         return None
+
+
+UNAVAILABLE_NOTICE = "The molten:telemetry actor is not running, so there are no telemetry samples."
+
+
+async def read_telemetry(since: float | None = None) -> dict:
+    """Return the telemetry actor's samples after `since`, or an empty view with a notice when it is not running."""
+    actor = find_telemetry_actor()
+    if actor is not None:
+        try:
+            return await actor.snapshot.remote(since)
+        except ray.exceptions.RayActorError as exc:
+            logger.warning("reading %s failed: %s", TELEMETRY_ACTOR_NAME, exc)
+    return {"source": None, "notice": UNAVAILABLE_NOTICE, "interval_s": None, "num_failed_samples": 0, "samples": []}
+
+
+async def read_peaks() -> dict:
+    """Return the roofline peaks from the telemetry actor; unknown (None) when it is not running."""
+    actor = find_telemetry_actor()
+    if actor is not None:
+        try:
+            return await actor.peaks.remote()
+        except ray.exceptions.RayActorError as exc:
+            logger.warning("reading the peaks from %s failed: %s", TELEMETRY_ACTOR_NAME, exc)
+    return {"bandwidth_bytes_per_s": None, "flops_per_s": None, "source": "the telemetry actor is not running"}
 
 
 def register_with_telemetry(name: str, torch_allocated_bytes: int | None = None) -> None:
