@@ -81,7 +81,7 @@ class ModelSource:
     """For hub models: whether config.json is already in the local Hugging Face cache,
     in which case loading never touches the network."""
     precision: str | None = None
-    """Precision named by the spec's `:<precision>` suffix; None when the spec had none,
+    """Precision named by the spec's `:<precision>` suffix. None when the spec had none,
     in which case `load_model`'s `dtype` applies."""
 
     def __str__(self) -> str:
@@ -348,7 +348,7 @@ def _precision_and_dtype(source: ModelSource, dtype: torch.dtype) -> tuple[str, 
     wanted = FLOAT_DTYPES.get(source.precision, torch.float32)
     if dtype not in (torch.float32, wanted):
         raise PrecisionError(
-            f"Model {source.model_id!r} asks for precision {source.precision}, which conflicts "
+            f"Model {source.model_id!r} requests precision {source.precision}, which conflicts "
             f"with dtype {str(dtype).removeprefix('torch.')}. Drop the suffix or set dtype to float32."
         )
     return source.precision, wanted

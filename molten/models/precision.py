@@ -17,7 +17,7 @@ FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def split_precision(spec: str) -> tuple[str, str | None]:
-    """Split `"name:int8"` into `("name", "int8")`; a spec without a colon gives `(spec, None)`.
+    """Split `"name:int8"` into `("name", "int8")`. A spec without a colon gives `(spec, None)`.
 
     Raises PrecisionError, naming the valid precisions, for an unknown suffix.
     """

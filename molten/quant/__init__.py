@@ -1,7 +1,7 @@
 """Precision variants of a model: fp32, bf16, fp16 (GPU) and int8/int4 weight-only quantization.
 
-`molten.quant.compare.compare_precisions` measures the variants side by side; it is not
-imported here because it pulls in the engine.
+`molten.quant.compare.compare_precisions` measures the variants side by side. It is not
+imported here because it imports the engine.
 """
 
 from molten.quant.modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear

@@ -41,14 +41,14 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class ComparisonSettings:
-    """Workload sizes of one comparison; `for_quick` shrinks them for tests and previews."""
+    """Workload sizes of one comparison. `for_quick` shrinks them for tests and previews."""
 
     max_corpus_tokens: int | None = None
     """Corpus tokens scored for perplexity and drift; None scores the whole corpus."""
     window_tokens: int = 512
     """Tokens per sliding window of the perplexity pass."""
     stride_tokens: int = 256
-    """Tokens the window advances by; each window scores only its last `stride_tokens` targets."""
+    """Tokens the window advances by. Each window scores only the targets no earlier window scored."""
     prompt_tokens: int = 128
     """Prompt length of the TTFT and decode runs."""
     new_tokens: int = 64
@@ -81,7 +81,8 @@ class ComparisonSettings:
 
 @dataclass
 class PrecisionRow:
-    """Measurements of one precision. Every figure is None when `error` is set."""
+    """Measurements of one precision. Every figure is None when `error` is set, and the
+    drift fields are None for fp32 itself."""
 
     precision: str
     model_id: str
@@ -173,9 +174,8 @@ def compare_precisions(
 ) -> PrecisionComparison:
     """Measure each precision of `model` side by side (see the module docstring).
 
-    `model` is a model id without a precision suffix. `quick` uses
-    `ComparisonSettings.for_quick()` (a few seconds on a tiny model); `settings`
-    overrides both. Raises PrecisionError for a name that is not a precision.
+    `model` is a model id without a precision suffix. `quick` uses the small workload of
+    `ComparisonSettings.for_quick()`, and `settings`, when given, replaces both. Raises PrecisionError for a name that is not a precision.
     """
     base_model, suffix = split_precision(model)
     if suffix is not None:
@@ -195,7 +195,7 @@ def compare_precisions(
     environment = _environment()
     try:
         corpus_ids: list[int] = []
-        reference: _CorpusScores | None = None
+        reference: CorpusScores | None = None
         rows = []
         for precision in ordered:
             report(f"Loading {base_model}:{precision}")
@@ -215,7 +215,7 @@ def compare_precisions(
 
 
 @dataclass
-class _CorpusScores:
+class CorpusScores:
     target_logprobs: torch.Tensor
     """[num_targets] float32 logprob of each scored corpus token."""
     argmax_ids: torch.Tensor
@@ -226,9 +226,9 @@ def _measure_precision(
     base_model: str,
     precision: str,
     settings: ComparisonSettings,
-    reference: _CorpusScores | None,
+    reference: CorpusScores | None,
     report: Progress,
-) -> tuple[PrecisionRow, _CorpusScores | None, list[int]]:
+) -> tuple[PrecisionRow, CorpusScores | None, list[int]]:
     model_id = f"{base_model}:{precision}"
     try:
         loaded = load_model(model_id)
@@ -244,7 +244,7 @@ def _measure_precision(
 
     corpus_ids = loaded.tokenizer(load_corpus_text())["input_ids"][: settings.max_corpus_tokens]
     report(f"{precision}: perplexity over {len(corpus_ids)} corpus tokens")
-    scores = _score_corpus(loaded.model, corpus_ids, settings)
+    scores = score_corpus(loaded.model, corpus_ids, settings)
     row.perplexity = math.exp(-scores.target_logprobs.double().mean().item())
     if reference is not None:
         drift = (scores.target_logprobs - reference.target_logprobs).abs()
@@ -262,10 +262,12 @@ def _measure_precision(
 
 
 @torch.inference_mode()
-def _score_corpus(model: torch.nn.Module, corpus_ids: list[int], settings: ComparisonSettings) -> _CorpusScores:
-    """Score every corpus token after the first with a sliding window: each window of
-    `window_tokens` scores only targets no earlier window scored, so every target sees
-    at least `window_tokens - stride_tokens` tokens of context (all of it near the start)."""
+def score_corpus(model: torch.nn.Module, corpus_ids: list[int], settings: ComparisonSettings) -> CorpusScores:
+    """Score every corpus token after the first with a sliding window.
+
+    Each window of `window_tokens` scores only the targets no earlier window scored, so
+    every target has at least `window_tokens - stride_tokens` tokens of context (all
+    earlier tokens near the start of the corpus)."""
     ids = torch.tensor(corpus_ids, dtype=torch.long)
     logprob_parts: list[torch.Tensor] = []
     argmax_parts: list[torch.Tensor] = []
@@ -282,7 +284,7 @@ def _score_corpus(model: torch.nn.Module, corpus_ids: list[int], settings: Compa
         scored_end = end
         if end == len(ids):
             break
-    return _CorpusScores(torch.cat(logprob_parts), torch.cat(argmax_parts))
+    return CorpusScores(torch.cat(logprob_parts), torch.cat(argmax_parts))
 
 
 def _measure_engine(loaded: LoadedModel, corpus_ids: list[int], settings: ComparisonSettings, row: PrecisionRow) -> None:

@@ -3,10 +3,11 @@
 Weights are stored as integers and multiplied by `torch._weight_int8pack_mm` (int8, one
 scale per output channel) or `torch._weight_int4pack_mm_for_cpu` (int4, one scale and
 zero point per group of `group_size` input channels). Activations enter both kernels in
-bfloat16: with float32 activations the same kernels ran 3x (int8) to 25x (int4) slower
-than a float32 `F.linear` on this project's CPU (AMD EPYC, PyTorch 2.13), while with
-bfloat16 activations they beat it (docs/quantization.md has the table). Everything else in
-the model (norms, attention, residual stream, logits) stays float32.
+bfloat16, because with float32 activations the same kernels ran 3x (int8) to 25x (int4)
+slower than a float32 `F.linear` on an AMD EPYC CPU with PyTorch 2.13. With bfloat16
+activations they were 3x to 6x faster than float32 on SmolLM2's 49,152-row LM head
+(docs/quantization.md has the table). Everything else in the model (norms, attention,
+residual stream, logits) stays float32.
 
 Scales and zero points are kept in bfloat16 because the kernels take them in the dtype
 of the activations. The integers are computed against the bfloat16-rounded scales, so
@@ -150,7 +151,7 @@ class Int4Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """Embedding lookup from int8 rows; only the looked-up rows are dequantized."""
+    """Embedding lookup from int8 rows. Only the looked-up rows are dequantized."""
 
     is_molten_quantized = True
 

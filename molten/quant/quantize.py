@@ -42,9 +42,9 @@ def quantize_model(model: nn.Module, precision: str, *, group_size: int = DEFAUL
     under int4 (a warning names them).
     """
     if precision not in QUANTIZED_PRECISIONS:
-        raise PrecisionError(f"quantize_model takes precision int8 or int4, got {precision!r}")
+        raise PrecisionError(f"Invalid precision {precision!r} for quantize_model: use int8 or int4")
     if precision == "int4" and (group_size < 2 or group_size % 2):
-        raise PrecisionError(f"group_size must be an even number of at least 2 for int4, got {group_size}")
+        raise PrecisionError(f"Invalid int4 group_size {group_size}: use an even number of at least 2, such as 32")
 
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -79,7 +79,7 @@ def quantize_model(model: nn.Module, precision: str, *, group_size: int = DEFAUL
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights: its parameters plus the integer tensors, scales and
-    zero points of molten.quant modules. Tensors shared by two modules count once; other
+    zero points of molten.quant modules. Tensors shared by two modules count once. Other
     buffers (RoPE tables) are left out."""
     tensors = list(model.parameters())
     for module in model.modules():

@@ -61,5 +61,5 @@ def test_int8_weight_bytes_counts_integer_tensors():
     int8 = load_model("tiny-random-llama:int8")
     assert int8.precision == "int8"
     assert int8.dtype == torch.float32
-    # Integers and scales are buffers, not parameters; weight_bytes must count them.
+    # Integers and scales are buffers, not parameters, and weight_bytes must count them.
     assert 0.25 * fp32.weight_bytes < int8.weight_bytes < 0.30 * fp32.weight_bytes

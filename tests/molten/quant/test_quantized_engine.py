@@ -20,7 +20,7 @@ NUM_NEW_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def float_models() -> dict[str, torch.nn.Module]:
-    """The float32 tiny models, loaded once; tests quantize deep copies."""
+    """The float32 tiny models, loaded once. Tests quantize deep copies of them."""
     return {name: load_model(name).model for name in ("tiny-random-llama", "tiny-random-qwen2")}
 
 
@@ -65,8 +65,8 @@ def test_quantized_logits_match_fake_quantized(float_models, name, precision):
     with torch.no_grad():
         expected = fake_quantize(copy.deepcopy(float_models[name]), precision)(input_ids=ids).logits
         output = quantize_model(copy.deepcopy(float_models[name]), precision)(input_ids=ids).logits
-    # The integer kernels see bfloat16 activations, the float reference float32 ones;
-    # that rounding alone measured 1.5% to 2% on these models.
+    # The integer kernels take bfloat16 activations and the float reference float32 ones.
+    # That rounding alone measured 1.5% to 2% on these models.
     assert relative_error(output, expected) < 0.05
 
 
