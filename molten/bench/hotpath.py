@@ -36,7 +36,8 @@ class StepTiming:
     step_ms: float
     """Mean wall time of one engine step (schedule, prepare, forward, sample, update)."""
     step_cpu_ms: float
-    """Mean CPU time of this thread per step; with one torch thread it is the whole step's CPU time."""
+    """Mean CPU time of this thread per step. With one torch thread, torch runs its kernels on
+    this thread, so this is close to the step's whole CPU time."""
     forward_ms: float
     """Mean `RunnerOutput.forward_ms` per step (prepare plus the model call), wall time."""
     prepare_cpu_ms: float
@@ -118,12 +119,13 @@ def time_decode_steps(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny-random-llama,smollm2-135m-instruct")
-    parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--models", default="tiny-random-llama,smollm2-135m-instruct",
+                        help="comma-separated model ids, a `:int8` or `:int4` suffix included (default: %(default)s)")
+    parser.add_argument("--batches", default="1,16", help="comma-separated decode batch sizes (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per case (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 weights (default: %(default)s)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"loadavg {open('/proc/loadavg').read().strip()}, torch threads {args.threads}")
