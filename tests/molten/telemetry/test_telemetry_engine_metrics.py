@@ -1,6 +1,6 @@
 """What the workers' metrics record per token and per step, with the Ray metric objects replaced by recorders.
 
-The end-to-end test reads the same metrics from Ray's Prometheus endpoint; this one pins
+The end-to-end test reads the same metrics from Ray's Prometheus endpoint. This one pins
 the timing arithmetic (TTFT, ITL chains, end-to-end, queue time) without starting Ray.
 """
 
