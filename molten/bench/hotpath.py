@@ -42,6 +42,8 @@ class StepTiming:
     """Mean `RunnerOutput.forward_ms` per step (prepare plus the model call), wall time."""
     prepare_cpu_ms: float
     """Median CPU time of one `ModelRunner.prepare` call on a decode step, over PREPARE_REPEATS calls."""
+    warm_up_s: float
+    """Wall time of the prefill steps and the first decode step (includes torch.compile's compilation)."""
 
 
 PREPARE_REPEATS = 200
@@ -69,6 +71,7 @@ def time_decode_steps(
     engine: LLMEngine, batch_size: int, *, prompt_len: int = 128, num_steps: int = 32, seed: int = 0
 ) -> StepTiming:
     """Prefill `batch_size` prompts, then time `num_steps` pure decode steps."""
+    warm_up_started = time.perf_counter()
     rng = random.Random(seed)
     vocab = engine.model.config.vocab_size
     # Early requests decode while later ones prefill, so leave room for every step; all are aborted at the end.
@@ -81,6 +84,7 @@ def time_decode_steps(
             break
         engine.step()
     engine.step()  # one decode step to warm up
+    warm_up_s = time.perf_counter() - warm_up_started
 
     runner = engine.runner
     forward_ms = 0.0
@@ -114,7 +118,27 @@ def time_decode_steps(
         step_cpu_ms=elapsed_cpu * 1000 / num_steps,
         forward_ms=forward_ms / num_steps,
         prepare_cpu_ms=statistics.median(prepare_cpu_s) * 1000,
+        warm_up_s=warm_up_s,
     )
+
+
+def compile_modules(model: torch.nn.Module, variant: str) -> None:
+    """Compile parts of a loaded model in place with inductor: `mlp` (each layer's MLP) or `layers` (whole layers).
+
+    `dynamic=True` because the token count changes every step. With `layers`, the paged
+    attention function stays eager (torch.compiler.disable) since it branches on step metadata.
+    """
+    from molten.engine import attention
+
+    if variant == "mlp":
+        for layer in model.model.layers:
+            layer.mlp.compile(dynamic=True)
+    elif variant == "layers":
+        torch.compiler.disable(attention.paged_attention)
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+    elif variant != "none":
+        raise ValueError(f"unknown compile variant {variant!r}; choose none, mlp or layers")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,18 +150,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 weights (default: %(default)s)")
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default: %(default)s)")
+    parser.add_argument("--compile", choices=("none", "mlp", "layers"), default="none",
+                        help="torch.compile each layer's MLP or whole decoder layers before timing (default: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"loadavg {open('/proc/loadavg').read().strip()}, torch threads {args.threads}")
-    print("| model | batch | step wall ms | step CPU ms | prepare CPU ms |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| model | batch | step wall ms | step CPU ms | prepare CPU ms | warm-up s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for model in args.models.split(","):
         loaded = load(model, args.dtype)
+        compile_modules(loaded.model, args.compile)
         for batch_size in [int(b) for b in args.batches.split(",")]:
             engine = build_engine(loaded, batch_size, args.prompt_len)
             timing = time_decode_steps(engine, batch_size, prompt_len=args.prompt_len, num_steps=args.steps)
             print(
-                f"| {model} | {batch_size} | {timing.step_ms:.2f} | {timing.step_cpu_ms:.2f} | {timing.prepare_cpu_ms:.3f} |",
+                f"| {model} | {batch_size} | {timing.step_ms:.2f} | {timing.step_cpu_ms:.2f} | {timing.prepare_cpu_ms:.3f} | {timing.warm_up_s:.1f} |",
                 flush=True,
             )
     print(f"loadavg {open('/proc/loadavg').read().strip()}")
