@@ -609,12 +609,18 @@ class ModelManager:
         return record.to_dict()
 
     async def _unload(self, record: ModelRecord, reason: str) -> None:
-        if record.state in ("unloaded", "draining"):
-            await self._wait_until(lambda: record.state == "unloaded", None)
+        # A model draining for a swap either ends unloaded, or returns to ready when the
+        # swap's new model failed; only in the second case is there anything left to do.
+        await self._wait_until(lambda: record.state != "draining", None)
+        if record.state == "unloaded":
             return
-        started = time.perf_counter()
         record.state = "draining"
         self._drop_from_aliases(record.model_id)
+        await self._drain_and_delete(record, reason)
+
+    async def _drain_and_delete(self, record: ModelRecord, reason: str) -> None:
+        """Wait for a draining model's leases to end (up to drain_timeout_s), then delete its workers."""
+        started = time.perf_counter()
         drained = await self._wait_until(lambda: record.in_flight == 0, self.settings.manager.drain_timeout_s)
         record.drain_seconds = time.perf_counter() - started
         if not drained:
@@ -638,8 +644,9 @@ class ModelManager:
     async def swap(self, old: str, new: str, mode: str | None = None, precision: str | None = None) -> dict:
         """Replace `old` with `new`: aliases that pointed at `old` move to `new`, and `old` drains.
 
-        When the budget allows both at once, `old` drains while `new` loads; otherwise `old`
-        is unloaded first. Returns both records and the swap's timings.
+        When the budget allows both at once, `old` drains while `new` loads, is deleted once
+        `new` is ready, and returns to ready if `new` fails. Otherwise `old` is unloaded
+        first. Returns both records and the swap's timings.
         """
         started = time.perf_counter()
         old_record = self.records.get(old)
@@ -656,24 +663,46 @@ class ModelManager:
         budget = self._budget_view()
         estimated = self._estimate_bytes(spec, mode or self.settings.mode)
         sequential = budget["budget_bytes"] is not None and budget["free_bytes"] < estimated
+        saved_aliases = {alias: dict(targets) for alias, targets in self.aliases.items()}
         moved = [alias for alias, targets in self.aliases.items() if old in targets]
-        try:
-            if sequential:
-                await self._unload(old_record, reason=f"swap to {new_id}")
+        reason = f"swap to {new_id}"
+        if sequential:
+            # NOTE: the budget cannot hold both models, so the old one is gone before the new
+            # one loads; if the new one fails, nothing serves the moved aliases.
+            await self._unload(old_record, reason=reason)
+            self.aliases = saved_aliases
+            try:
                 new_record = await self._start_load(new, mode, precision, swap_of=old)
-                self._repoint_aliases(old, new_id)
+            except ManagerError as exc:
+                self._drop_from_aliases(old)
+                return exc.to_dict()
+            self._repoint_aliases(old, new_id)
+            await self._wait_until(lambda: new_record.state in ("ready", "failed"), None)
+        else:
+            # The old model stops taking new requests at once and keeps streaming the running
+            # ones while the new model loads. It is deleted only once the new one is ready, and
+            # goes back to ready, with its aliases, when the new one fails.
+            old_record.state = "draining"
+            self._repoint_aliases(old, new_id)
+            try:
+                new_record = await self._start_load(new, mode, precision, swap_of=old)
+            except ManagerError as exc:
+                old_record.state = "ready"
+                self.aliases = saved_aliases
+                return exc.to_dict()
+            await self._wait_until(lambda: new_record.state in ("ready", "failed"), None)
+            if new_record.state == "failed":
+                logger.warning("swap %s -> %s: the new model failed (%s); keeping %s", old, new_id, new_record.error, old)
+                old_record.state = "ready"
+                self.aliases = saved_aliases
             else:
-                new_record = await self._start_load(new, mode, precision, swap_of=old)
-                self._repoint_aliases(old, new_id)
-                await self._unload(old_record, reason=f"swap to {new_id}")
-        except ManagerError as exc:
-            return exc.to_dict()
-        await self._wait_until(lambda: new_record.state in ("ready", "failed"), None)
+                self._drop_from_aliases(old)
+                await self._drain_and_delete(old_record, reason)
         return {
             "old": old_record.to_dict(),
             "new": new_record.to_dict(),
             "sequential": sequential,
-            "aliases_moved": moved,
+            "aliases_moved": moved if new_record.state == "ready" else [],
             "swap_seconds": round(time.perf_counter() - started, 3),
         }
 

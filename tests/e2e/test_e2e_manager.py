@@ -117,6 +117,19 @@ def test_load_rejects_bad_input(client):
     assert missing.json()["error"]
 
 
+def test_failed_swap_keeps_old_model(client):
+    client.put("/v1/molten/models/aliases/keep", json={"targets": {LLAMA: 1}})
+    swap = client.post("/v1/molten/models/swap", json={"old": LLAMA, "new": "no-such-model-anywhere"})
+    assert swap.status_code == 200, swap.text
+    outcome = swap.json()
+    assert outcome["new"]["state"] == "failed"
+    assert outcome["old"]["state"] == "ready"
+    assert outcome["aliases_moved"] == []
+    assert completion(client, LLAMA).status_code == 200
+    assert completion(client, "keep").json()["model"] == LLAMA
+    client.delete("/v1/molten/models/aliases/keep")
+
+
 def test_request_while_loading_gets_503(client):
     response = client.post("/v1/molten/models/load", json={"model": QWEN, "mode": "disaggregated"})
     assert response.status_code == 202, response.text
