@@ -42,11 +42,13 @@ class TelemetryActor:
 
     def _find_peaks(self) -> None:
         device = "cpu"
-        if self.sampler.source == "nvml":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
+            if self.sampler.source == "nvml":
+                import torch
+
+                # NOTE: this assumes the engine runs on GPU 0 whenever torch sees a GPU; the
+                # engine's own device is not known here.
+                device = "cuda" if torch.cuda.is_available() else "cpu"
             self._peaks = resolve_peaks(self.config, device)
         except Exception as exc:
             logger.exception("measuring the roofline peaks on %s failed", device)
