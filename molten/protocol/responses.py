@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from molten.engine.events import TokenEvent
+from molten.engine.spec_decode.stats import SpecDecodeStats
 
 TokenTextDecoder = Callable[[int], str]
 """Returns the text of one token id, as the tokenizer writes it (for logprobs output)."""
@@ -123,7 +124,9 @@ def build_token_timing(event: TokenEvent) -> dict[str, Any]:
     """Build the `molten` timings of one token: what it cost and which engine step produced it.
 
     The first token of a sequence also carries the prompt token counts, and the first
-    token a decode worker streams after a KV handoff carries the handoff's cost.
+    token a decode worker streams after a KV handoff carries the handoff's cost. The
+    last token of a sequence that verified drafts carries its acceptance statistics
+    (`spec_stats`, see SpecDecodeStats.to_dict).
     """
     timing: dict[str, Any] = {
         "choice": event.seq_index,
@@ -139,7 +142,24 @@ def build_token_timing(event: TokenEvent) -> dict[str, Any]:
         timing["num_cached_prompt_tokens"] = event.num_cached_prompt_tokens
     if event.handoff is not None:
         timing["handoff"] = event.handoff.to_dict()
+    if event.spec_stats is not None:
+        timing["spec_stats"] = event.spec_stats.to_dict()
     return timing
+
+
+def merge_spec_stats(events: Iterable[TokenEvent]) -> SpecDecodeStats | None:
+    """Add up the acceptance statistics of a request's sequences, or return None without speculation.
+
+    Each sequence's statistics ride on its last event, so every event is checked.
+    """
+    merged: SpecDecodeStats | None = None
+    for event in events:
+        if event.spec_stats is None:
+            continue
+        if merged is None:
+            merged = SpecDecodeStats(event.spec_stats.num_speculative_tokens)
+        merged.merge(event.spec_stats)
+    return merged
 
 
 def group_by_sequence(events: Iterable[TokenEvent], n: int) -> list[list[TokenEvent]]:
@@ -174,7 +194,9 @@ def build_request_summary(
     ttft_ms is the time of the first token of any sequence, and total_ms of the last.
     tokens_per_s divides all generated tokens by total_ms. mean_itl_ms averages the gaps
     between consecutive tokens of the same sequence, and is null without such a gap.
-    handoff is the first KV handoff found, searching choice 0 first.
+    handoff is the first KV handoff found, searching choice 0 first. spec_stats adds up
+    the acceptance statistics of all sequences under speculative decoding, and is null
+    when no sequence verified drafts.
     """
     all_events = [event for sequence in sequences for event in sequence]
     ttft_ms = min((sequence[0].time_since_arrival_ms for sequence in sequences if sequence), default=None)
@@ -187,6 +209,7 @@ def build_request_summary(
     if num_cached_prompt_tokens is None:
         num_cached_prompt_tokens = max((event.num_cached_prompt_tokens for event in all_events), default=0)
     handoff = next((event.handoff.to_dict() for event in all_events if event.handoff is not None), None)
+    spec_stats = merge_spec_stats(all_events)
 
     return {
         "ttft_ms": _round_or_none(ttft_ms),
@@ -196,6 +219,7 @@ def build_request_summary(
         "num_prompt_tokens": num_prompt_tokens,
         "num_cached_prompt_tokens": num_cached_prompt_tokens,
         "handoff": handoff,
+        "spec_stats": spec_stats.to_dict() if spec_stats is not None else None,
         "tokens": [build_token_timing(event) for event in all_events],
     }
 

@@ -4,9 +4,10 @@ One TokenEvent becomes exactly one chunk, so the client's time to first event is
 engine's time to first token, and each chunk's top-level `molten` object carries that
 token's timings. The chat role (`"role": "assistant"`) rides on a sequence's first
 chunk instead of a chunk of its own sent before any token. `finish_reason` rides on a
-sequence's last chunk. With `stream_options.include_usage`, one more chunk with empty
-`choices` carries the usage and the request summary, and every other chunk has
-`"usage": null`, as OpenAI's API does.
+sequence's last chunk, and under speculative decoding so does the sequence's
+`molten.spec_stats` (its acceptance statistics). With `stream_options.include_usage`,
+one more chunk with empty `choices` carries the usage and the request summary, and
+every other chunk has `"usage": null`, as OpenAI's API does.
 
 Typical use::
 
