@@ -34,11 +34,11 @@ LIVE_CONCURRENCY_LIMIT = 8
 def _series_plot(title: str, y_title: str, elem_id: str, visible: bool = True) -> gr.LinePlot:
     return gr.LinePlot(
         series_frame([]),
-        x="seconds",
+        x="time",
         y="value",
         color="series",
         title=title,
-        x_title="seconds (0 = last poll)",
+        x_title="time (local)",
         y_title=y_title,
         color_title="series",
         tooltip="all",
@@ -82,15 +82,15 @@ class LivePanel:
         with gr.Row():
             with gr.Column():
                 self.trace = gr.BarPlot(
-                    trace_frame({}, 0.0),
-                    x="seconds",
+                    trace_frame({}),
+                    x="time",
                     y="tokens",
                     color="part",
                     title="Tokens computed per engine step (prefill chunks and decode batch)",
-                    x_title="step end, seconds (0 = last poll)",
+                    x_title="step end time (local)",
                     y_title="tokens in the step",
                     color_title="worker: tokens",
-                    tooltip=["worker", "step_id", "seconds", "duration_ms", "batch_size", "part", "tokens", "ran"],
+                    tooltip=["worker", "step_id", "time", "duration_ms", "batch_size", "part", "tokens", "ran"],
                     height=280,
                     elem_id="molten-trace",
                 )
@@ -131,18 +131,12 @@ class LivePanel:
         else:
             await poll_live_state(handle, state)
         live = render_live_outputs(state)
-        has_gpu_plots = len(live.pcie) > 0 or len(live.power) > 0
-        return (
-            state,
-            live.status,
-            live.utilization,
-            live.memory,
-            gr.LinePlot(live.pcie, visible=has_gpu_plots),
-            gr.LinePlot(live.power, visible=has_gpu_plots),
-            live.latest_sample,
-            live.kv_html,
-            live.trace,
-            live.steps,
-            gr.skip() if live.roofline is None else live.roofline,
-            live.roofline_summary,
-        )
+        if live.pcie is None:
+            pcie = power = gr.skip()
+        else:
+            has_gpu_plots = len(live.pcie) > 0 or len(live.power) > 0
+            pcie = gr.LinePlot(live.pcie, visible=has_gpu_plots)
+            power = gr.LinePlot(live.power, visible=has_gpu_plots)
+        values = (live.status, live.utilization, live.memory, pcie, power, live.latest_sample, live.kv_html,
+                  live.trace, live.steps, live.roofline, live.roofline_summary)
+        return (state, *(gr.skip() if value is None else value for value in values))

@@ -57,10 +57,10 @@ class LiveState:
     """View name (`telemetry`, `steps`, `kv`) to the reason its last poll failed. A successful poll clears it."""
     num_polls: int = 0
     poll_time: float = 0.0
-    """Unix time of the newest poll, the x = 0 of the telemetry and trace plots."""
+    """Unix time of the newest poll."""
     roofline_drawn_at: float = 0.0
-    roofline_num_steps: int = -1
-    """Steps drawn in the current roofline, to skip redrawing when no step arrived."""
+    rendered_keys: dict[str, Any] = field(default_factory=dict)
+    """View name to a key of the data it last showed, so a view whose data did not change is not sent again."""
 
     def last_sample_time(self) -> float | None:
         return self.telemetry_samples[-1]["time"] if self.telemetry_samples else None
@@ -102,6 +102,19 @@ class LiveState:
     @property
     def num_steps(self) -> int:
         return sum(len(steps) for steps in self.steps_by_worker.values())
+
+    def steps_key(self) -> tuple:
+        """Identify the steps held: per worker, how many and the newest id."""
+        return tuple(sorted(
+            (worker, len(steps), steps[-1]["step_id"] if steps else None) for worker, steps in self.steps_by_worker.items()
+        ))
+
+    def mark_rendered(self, view: str, key: Any) -> bool:
+        """Store `key` as what `view` shows, and return whether it differs from what it showed before."""
+        if view in self.rendered_keys and self.rendered_keys[view] == key:
+            return False
+        self.rendered_keys[view] = key
+        return True
 
 
 async def _await_with_timeout(start: Callable[[], Any], timeout_s: float) -> Any:
@@ -175,49 +188,55 @@ def status_markdown(state: LiveState) -> str:
 
 @dataclass
 class LiveOutputs:
-    """Everything the live views show after one poll; `roofline` is None when it needs no redraw."""
+    """Everything the live views show after one poll. A field is None when its view has nothing new to show."""
 
     status: str
     utilization: Any
     memory: Any
     pcie: Any
     power: Any
-    latest_sample: str
-    kv_html: str
+    latest_sample: str | None
+    kv_html: str | None
     trace: Any
     steps: Any
     roofline: Any
-    roofline_summary: str
+    roofline_summary: str | None
 
 
 def render_live_outputs(state: LiveState, force_roofline: bool = False) -> LiveOutputs:
-    """Turn a session's `LiveState` into the data of every live view."""
-    frames = telemetry_frames(state.telemetry_samples, state.poll_time)
-    latest = state.telemetry_samples[-1] if state.telemetry_samples else None
-    latest_markdown = format_latest_sample_markdown(latest, state.telemetry_source, state.telemetry_notice)
-    if "telemetry" in state.errors:
-        latest_markdown = f"⚠️ Telemetry unavailable: {state.errors['telemetry']}\n\n{latest_markdown}"
+    """Turn a session's `LiveState` into the data of every live view whose data changed since the last render.
 
-    roofline = None
+    Skipping unchanged views keeps an idle page cheap: the browser redraws only what changed.
+    """
+    outputs = LiveOutputs(status_markdown(state), *([None] * 10))
+
+    telemetry_key = (state.last_sample_time(), len(state.telemetry_samples), state.telemetry_source,
+                     state.telemetry_notice, state.errors.get("telemetry"))
+    if state.mark_rendered("telemetry", telemetry_key):
+        frames = telemetry_frames(state.telemetry_samples)
+        outputs.utilization = frames.utilization_pct
+        outputs.memory = frames.memory_gib
+        outputs.pcie = frames.pcie_mb_per_s
+        outputs.power = frames.power_w
+        latest = state.telemetry_samples[-1] if state.telemetry_samples else None
+        outputs.latest_sample = format_latest_sample_markdown(latest, state.telemetry_source, state.telemetry_notice)
+        if "telemetry" in state.errors:
+            outputs.latest_sample = f"⚠️ Telemetry unavailable: {state.errors['telemetry']}\n\n{outputs.latest_sample}"
+
+    if state.mark_rendered("kv", (state.kv, state.errors.get("kv"))):
+        outputs.kv_html = render_kv_html(state.kv, state.errors.get("kv"))
+
+    steps_key = (state.steps_key(), state.peaks, state.errors.get("steps"))
+    if state.mark_rendered("steps", steps_key):
+        outputs.trace = trace_frame(state.steps_by_worker)
+        outputs.steps = steps_table(state.steps_by_worker)
+        outputs.roofline_summary = roofline_summary_markdown(state.steps_by_worker, state.peaks)
+        if "steps" in state.errors:
+            outputs.roofline_summary = f"⚠️ Engine steps unavailable: {state.errors['steps']}"
+
     due = state.poll_time - state.roofline_drawn_at >= ROOFLINE_REDRAW_INTERVAL_S
-    if force_roofline or (due and state.num_steps != state.roofline_num_steps):
-        roofline = roofline_figure(state.steps_by_worker, state.peaks)
+    if force_roofline or (due and state.rendered_keys.get("roofline") != steps_key):
+        outputs.roofline = roofline_figure(state.steps_by_worker, state.peaks)
         state.roofline_drawn_at = state.poll_time
-        state.roofline_num_steps = state.num_steps
-    summary = roofline_summary_markdown(state.steps_by_worker, state.peaks)
-    if "steps" in state.errors:
-        summary = f"⚠️ Engine steps unavailable: {state.errors['steps']}"
-
-    return LiveOutputs(
-        status=status_markdown(state),
-        utilization=frames.utilization_pct,
-        memory=frames.memory_gib,
-        pcie=frames.pcie_mb_per_s,
-        power=frames.power_w,
-        latest_sample=latest_markdown,
-        kv_html=render_kv_html(state.kv, state.errors.get("kv")),
-        trace=trace_frame(state.steps_by_worker, state.poll_time),
-        steps=steps_table(state.steps_by_worker, state.poll_time),
-        roofline=roofline,
-        roofline_summary=summary,
-    )
+        state.rendered_keys["roofline"] = steps_key
+    return outputs

@@ -19,9 +19,9 @@ from molten.ui.stats import format_bytes
 GIB = 1024**3
 MB = 1e6
 
-SERIES_COLUMNS = ("seconds", "series", "value")
-"""Every telemetry frame is long-form: x = seconds relative to the poll time (0 = now,
-negative = earlier), one row per series and sample, so one plot can draw several lines."""
+SERIES_COLUMNS = ("time", "series", "value")
+"""Every telemetry frame is long-form: x = the sample's wall-clock time, one row per series
+and sample, so one plot can draw several lines."""
 
 
 @dataclass
@@ -41,23 +41,33 @@ class TelemetryFrames:
 def series_frame(rows: Iterable[tuple[float, str, float]]) -> pd.DataFrame:
     """Build a long-form frame with numeric dtypes even when empty (Gradio picks axis types from them)."""
     frame = pd.DataFrame(list(rows), columns=list(SERIES_COLUMNS))
-    return frame.astype({"seconds": "float64", "series": "string", "value": "float64"})
+    return frame.astype({"time": "float64", "series": "string", "value": "float64"}).assign(
+        time=lambda frame: unix_to_datetime(frame["time"])
+    )
 
 
-def _append(rows: list, seconds: float, series: str, value: Any, scale: float = 1.0) -> None:
+def unix_to_datetime(seconds: pd.Series) -> pd.Series:
+    """Convert unix seconds to naive UTC datetimes, which Gradio sends as epoch milliseconds.
+
+    The browser's plot then labels the axis in its own local time.
+    """
+    return pd.to_datetime(seconds, unit="s")
+
+
+def _append(rows: list, unix_time: float, series: str, value: Any, scale: float = 1.0) -> None:
     if value is None:
         return
-    rows.append((seconds, series, round(float(value) / scale, 4)))
+    rows.append((unix_time, series, round(float(value) / scale, 4)))
 
 
-def telemetry_frames(samples: Sequence[Mapping[str, Any]], now: float) -> TelemetryFrames:
-    """Build the telemetry plots' frames from samples, with x in seconds relative to `now` (unix seconds)."""
+def telemetry_frames(samples: Sequence[Mapping[str, Any]]) -> TelemetryFrames:
+    """Build the telemetry plots' frames from samples, with x the time each sample was taken."""
     utilization: list = []
     memory: list = []
     pcie: list = []
     power: list = []
     for sample in samples:
-        seconds = round(float(sample["time"]) - now, 3)
+        seconds = float(sample["time"])
         cpu = sample.get("cpu") or {}
         _append(utilization, seconds, "CPU (all cores)", cpu.get("utilization_pct"))
         for gpu in sample.get("gpus") or []:

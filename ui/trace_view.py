@@ -10,18 +10,21 @@ backend and no global figure state are involved.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-TRACE_COLUMNS = ("seconds", "tokens", "part", "worker", "step_id", "batch_size", "duration_ms", "ran")
+from molten.ui.telemetry_view import unix_to_datetime
+
+TRACE_COLUMNS = ("time", "tokens", "part", "worker", "step_id", "batch_size", "duration_ms", "ran")
 
 STEP_TABLE_COLUMNS = (
     "worker",
     "step",
-    "seconds ago",
+    "time",
     "duration (ms)",
     "forward (ms)",
     "batch size",
@@ -54,17 +57,17 @@ def describe_step(step: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "nothing scheduled"
 
 
-def trace_frame(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now: float) -> pd.DataFrame:
+def trace_frame(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]]) -> pd.DataFrame:
     """Build the scheduler trace: per step, one row for its prefill tokens and one for its decode tokens.
 
-    x (`seconds`) is the step's end time relative to `now` (unix seconds), so steps of every
-    worker share one clock. `part` names the worker and the kind of tokens, the plot's color.
+    x (`time`) is the step's wall-clock end time, so steps of every worker share one clock
+    with the telemetry plots. `part` names the worker and the kind of tokens, the plot's color.
     A step that only preempted still gets a row (0 tokens), so its preemption shows in the tooltip.
     """
     rows = []
     for worker, steps in steps_by_worker.items():
         for step in steps:
-            seconds = round(float(step["time"]) - now, 3)
+            seconds = float(step["time"])
             common = (worker, int(step["step_id"]), int(step.get("batch_size") or 0),
                       round(float(step.get("duration_ms") or 0.0), 2), describe_step(step))
             num_prefill = int(step.get("num_prefill_tokens") or 0)
@@ -74,17 +77,23 @@ def trace_frame(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now:
             if num_decode:
                 rows.append((seconds, num_decode, f"{worker}: decode tokens", *common))
     frame = pd.DataFrame(rows, columns=list(TRACE_COLUMNS))
-    return frame.astype({
-        "seconds": "float64", "tokens": "int64", "part": "string", "worker": "string", "step_id": "int64",
+    frame = frame.astype({
+        "time": "float64", "tokens": "int64", "part": "string", "worker": "string", "step_id": "int64",
         "batch_size": "int64", "duration_ms": "float64", "ran": "string",
     })
+    return frame.assign(time=unix_to_datetime(frame["time"]))
 
 
 def _rounded(value: Any, scale: float) -> float | None:
     return None if value is None else round(float(value) / scale, 2)
 
 
-def steps_table(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now: float, limit: int = 12) -> pd.DataFrame:
+def clock_time(unix_time: float) -> str:
+    """Write a unix time as local wall-clock time with milliseconds, e.g. `00:27:15.042`."""
+    return time.strftime("%H:%M:%S", time.localtime(unix_time)) + f".{int(unix_time * 1000) % 1000:03d}"
+
+
+def steps_table(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], limit: int = 12) -> pd.DataFrame:
     """List the `limit` most recent steps of all workers, newest first, with what each ran and its achieved rates."""
     rows = []
     for worker, steps in steps_by_worker.items():
@@ -94,7 +103,7 @@ def steps_table(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now:
             rows.append((
                 worker,
                 int(step["step_id"]),
-                round(now - float(step["time"]), 2),
+                float(step["time"]),
                 round(float(step.get("duration_ms") or 0.0), 2),
                 _rounded(step.get("forward_ms"), 1.0),
                 int(step.get("batch_size") or 0),
@@ -106,8 +115,9 @@ def steps_table(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], now:
                 _rounded(step.get("bandwidth_utilization"), 0.01),
                 _rounded(step.get("flop_utilization"), 0.01),
             ))
-    rows.sort(key=lambda row: row[2])
-    return pd.DataFrame(rows[:limit], columns=list(STEP_TABLE_COLUMNS))
+    rows.sort(key=lambda row: row[2], reverse=True)
+    rows = [(*row[:2], clock_time(row[2]), *row[3:]) for row in rows[:limit]]
+    return pd.DataFrame(rows, columns=list(STEP_TABLE_COLUMNS))
 
 
 def step_intensity(step: Mapping[str, Any]) -> tuple[float, float] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
@@ -16,6 +17,7 @@ from molten.ui.stats import ReplyStats
 from molten.ui.telemetry_view import format_latest_sample_markdown, telemetry_frames
 from molten.ui.timeline_view import token_timeline_frame, visible_text
 from molten.ui.trace_view import (
+    clock_time,
     describe_step,
     roofline_figure,
     roofline_summary_markdown,
@@ -119,9 +121,10 @@ def test_visible_text_marks_empty_delta():
 
 
 def test_telemetry_frames_cpu_only():
-    frames = telemetry_frames([cpu_sample(NOW - 2.0), cpu_sample(NOW - 1.0, utilization=None)], NOW)
+    frames = telemetry_frames([cpu_sample(NOW - 2.0), cpu_sample(NOW - 1.0, utilization=None)])
     utilization = frames.utilization_pct
-    assert utilization["seconds"].tolist() == [-2.0], "a None reading is skipped, not drawn as 0"
+    assert utilization["time"].tolist() == [pd.Timestamp(NOW - 2.0, unit="s")], "a None reading is skipped, not drawn as 0"
+    assert str(utilization["time"].dtype).startswith("datetime64")
     assert utilization["series"].tolist() == ["CPU (all cores)"]
     memory = frames.memory_gib
     ram = memory[memory["series"] == "system RAM used"]
@@ -132,7 +135,7 @@ def test_telemetry_frames_cpu_only():
 
 
 def test_telemetry_frames_gpu_series():
-    frames = telemetry_frames([gpu_sample(NOW)], NOW)
+    frames = telemetry_frames([gpu_sample(NOW)])
     assert set(frames.utilization_pct["series"]) == {"CPU (all cores)", "GPU 0 kernels running"}
     memory = dict(zip(frames.memory_gib["series"], frames.memory_gib["value"]))
     assert memory["GPU 0 used"] == 2.0
@@ -205,10 +208,10 @@ def test_kv_html_without_data():
 
 def test_trace_frame_splits_prefill_and_decode():
     steps = {"colocated": [make_step(1, NOW - 1.0, prefill=32, decode=2), make_step(2, NOW - 0.5, preempted=1)]}
-    frame = trace_frame(steps, NOW)
+    frame = trace_frame(steps)
     assert frame["part"].tolist() == ["colocated: prefill tokens", "colocated: decode tokens", "colocated: prefill tokens"]
     assert frame["tokens"].tolist() == [32, 2, 0]
-    assert frame["seconds"].tolist() == [-1.0, -1.0, -0.5]
+    assert frame["time"].tolist() == [pd.Timestamp(t, unit="s") for t in (NOW - 1.0, NOW - 1.0, NOW - 0.5)]
     assert frame["ran"].tolist()[2] == "1 preempted"
 
 
@@ -223,12 +226,13 @@ def test_steps_table_newest_first():
     steps = {"prefill": [make_step(5, NOW - 3.0, prefill=10)],
              "decode": [make_step(7, NOW - 2.0, decode=1), make_step(8, NOW - 1.0, decode=2)]}
     steps["decode"][1].update(forward_ms=12.345, bandwidth_utilization=0.5, flop_utilization=None)
-    table = steps_table(steps, NOW, limit=2)
+    table = steps_table(steps, limit=2)
     assert table["step"].tolist() == [8, 7]
     assert table["forward (ms)"].tolist()[0] == 12.35
     assert table["bandwidth utilization (%)"].tolist()[0] == 50.0
     assert table["FLOP utilization (%)"].tolist()[0] is None
-    assert table["seconds ago"].tolist() == [1.0, 2.0]
+    assert table["time"].tolist() == [clock_time(NOW - 1.0), clock_time(NOW - 2.0)]
+    assert clock_time(NOW + 0.042).endswith(".042")
     assert table["decode batch (requests)"].tolist()[0] == "2: chat-0, chat-1"
 
 
@@ -396,6 +400,29 @@ def test_render_outputs_fill_every_view():
     assert outputs.trace["tokens"].tolist() == [2]
     assert outputs.steps["step"].tolist() == [1]
     assert "1 telemetry samples" in outputs.status
+
+
+def test_render_outputs_skip_unchanged_views():
+    state = LiveState(
+        poll_time=NOW, num_polls=1, telemetry_samples=[cpu_sample(NOW - 1)], telemetry_source="cpu",
+        kv={"workers": [kv_worker()]}, steps_by_worker={"decode": [make_step(1, NOW - 1, decode=2)]}, peaks=PEAKS,
+    )
+    render_live_outputs(state)
+    state.poll_time += 1
+    state.num_polls += 1
+    state.kv = {"workers": [kv_worker()]}
+    unchanged = render_live_outputs(state)
+    assert unchanged.status is not None, "the status line always shows the newest poll"
+    for name in ("utilization", "memory", "pcie", "power", "latest_sample", "kv_html", "trace", "steps",
+                 "roofline_summary"):
+        assert getattr(unchanged, name) is None, f"{name} has nothing new"
+    state.telemetry_samples.append(cpu_sample(NOW))
+    state.kv["workers"][0]["num_free_blocks"] = 33
+    state.errors["steps"] = "TimeoutError: no reply within 5 s"
+    changed = render_live_outputs(state)
+    assert len(changed.utilization) == 2
+    assert "7 of 40 blocks in use" in changed.kv_html
+    assert changed.roofline_summary.startswith("⚠️ Engine steps unavailable")
 
 
 # -- Ray dashboard ----------------------------------------------------------------------
