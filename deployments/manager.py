@@ -34,7 +34,7 @@ from ray import serve
 
 from molten.deployments.router import PreparedRequest, RequestRouter
 from molten.deployments.settings import MODES, ServeSettings, served_model_id
-from molten.deployments.workers import ColocatedWorker, DecodeWorker, PrefillWorker, nvml_process_memory_bytes
+from molten.deployments.workers import ColocatedWorker, DecodeWorker, PrefillWorker
 from molten.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,9 @@ class ModelRecord:
 class ManagerError(Exception):
     """A manager call the client must see as an HTTP error."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None, retry_after_s: int | None = None):
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, retry_after_s: int | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
@@ -250,15 +252,13 @@ class ModelManager:
 
     async def routing_table(self) -> dict:
         """Return the worker deployments of every ready model, for the ingress's info and KV views."""
-        return {
-            record.model_id: self._route(record)
-            for record in self.records.values()
-            if record.state == "ready"
-        }
+        return {record.model_id: self._route(record) for record in self.records.values() if record.state == "ready"}
 
     def _budget_view(self) -> dict:
         budget_mib = self.settings.manager.memory_budget_mib
-        used = sum(record.total_bytes for record in self.records.values() if record.state in ("loading", "ready", "draining"))
+        used = sum(
+            record.total_bytes for record in self.records.values() if record.state in ("loading", "ready", "draining")
+        )
         budget = None if budget_mib is None else budget_mib * 2**20
         return {
             "budget_bytes": budget,
@@ -303,10 +303,10 @@ class ModelManager:
             await self._wait_until(lambda: record.state != "loading", timeout)
             if record.state == "loading":
                 retry = self.settings.manager.retry_after_s
+                stage = record.progress[-1]["message"] if record.progress else "starting"
                 return ManagerError(
                     503,
-                    f"model {target!r} is still loading ({record.progress[-1]['message'] if record.progress else 'starting'}); "
-                    f"retry in {retry} s",
+                    f"model {target!r} is still loading ({stage}); retry in {retry} s",
                     "model_loading",
                     "model",
                     retry_after_s=retry,
@@ -364,9 +364,7 @@ class ModelManager:
 
     # -- load --------------------------------------------------------------------------
 
-    async def load(
-        self, model: str, mode: str | None = None, precision: str | None = None, wait: bool = False
-    ) -> dict:
+    async def load(self, model: str, mode: str | None = None, precision: str | None = None, wait: bool = False) -> dict:
         """Start loading `model` (or return its record if it is already loading or ready).
 
         With `wait`, returns when the load finished (ready or failed). A load past the
@@ -381,19 +379,28 @@ class ModelManager:
             await self._wait_until(lambda: record.state in ("ready", "failed"), None)
         return record.to_dict()
 
-    async def _start_load(self, model: str, mode: str | None, precision: str | None, *, swap_of: str | None = None) -> ModelRecord:
+    async def _start_load(
+        self, model: str, mode: str | None, precision: str | None, *, swap_of: str | None = None
+    ) -> ModelRecord:
         mode = mode or self.settings.mode
         if mode not in MODES:
             raise ManagerError(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}", "invalid_mode", "mode")
         if not isinstance(model, str) or not model.strip():
-            raise ManagerError(400, "model must be a non-empty string naming a catalog model, path or hub id", "invalid_model", "model")
+            raise ManagerError(
+                400, "model must be a non-empty string naming a catalog model, path or hub id", "invalid_model", "model"
+            )
         try:
             spec = model_spec_with_precision(model.strip(), precision)
         except ValueError as exc:
             raise ManagerError(400, str(exc), "invalid_precision", "precision") from None
         model_id = served_model_id(spec)
         if model_id in self.aliases:
-            raise ManagerError(409, f"{model_id!r} is an alias; delete the alias before loading a model of that name", "alias_conflict", "model")
+            raise ManagerError(
+                409,
+                f"{model_id!r} is an alias; delete the alias before loading a model of that name",
+                "alias_conflict",
+                "model",
+            )
 
         existing = self.records.get(model_id)
         if existing is not None and existing.state in ("loading", "ready"):
@@ -425,7 +432,9 @@ class ModelManager:
                 return entry["total_bytes"] // entry["num_workers"] * num_workers
         workers = [worker for record in self.records.values() for worker in record.workers]
         runtime = (
-            sum(worker["rss_before_load_bytes"] for worker in workers) // len(workers) if workers else DEFAULT_RUNTIME_BYTES
+            sum(worker["rss_before_load_bytes"] for worker in workers) // len(workers)
+            if workers
+            else DEFAULT_RUNTIME_BYTES
         )
         kv_pool = self.settings.cache.kv_cache_memory_mib * 2**20
         base, precision = _split_precision(spec)
@@ -433,7 +442,9 @@ class ModelManager:
         for record in self.records.values():
             other_base, other_precision = _split_precision(record.spec)
             if other_base == base and record.workers:
-                weights = int(record.workers[0]["weight_bytes"] * BYTES_PER_WEIGHT[precision] / BYTES_PER_WEIGHT[other_precision])
+                weights = int(
+                    record.workers[0]["weight_bytes"] * BYTES_PER_WEIGHT[precision] / BYTES_PER_WEIGHT[other_precision]
+                )
         # NOTE: a model never loaded here, at any precision, is estimated without its weights;
         # the budget is checked again with measured numbers once its workers are up
         # (see _enforce_budget_after_load).
@@ -450,7 +461,8 @@ class ModelManager:
         free = budget["free_bytes"]
         idle = sorted(
             (
-                record for record in self.records.values()
+                record
+                for record in self.records.values()
                 if record.state == "ready" and record.in_flight == 0 and record.model_id != exclude
             ),
             key=lambda record: record.last_used,
@@ -475,7 +487,9 @@ class ModelManager:
             )
         for victim in victims:
             logger.info(
-                "memory budget: unloading idle model %s (last used %.0f s ago)", victim.model_id, time.time() - victim.last_used
+                "memory budget: unloading idle model %s (last used %.0f s ago)",
+                victim.model_id,
+                time.time() - victim.last_used,
             )
             await self._unload(victim, reason="evicted")
 
@@ -483,7 +497,9 @@ class ModelManager:
         started = time.perf_counter()
 
         def note(stage: str, message: str) -> None:
-            record.progress.append({"stage": stage, "message": message, "elapsed_s": round(time.perf_counter() - started, 3)})
+            record.progress.append(
+                {"stage": stage, "message": message, "elapsed_s": round(time.perf_counter() - started, 3)}
+            )
 
         try:
             note("deploy", f"deploying {' and '.join(roles_for_mode(record.mode))} worker(s)")
@@ -503,18 +519,20 @@ class ModelManager:
                 record.state = "ready"
                 record.ready_at = time.time()
                 note("ready", f"ready: first token {record.cold_start_seconds:.2f} s after the load request")
-            self.cold_starts.append({
-                "model_id": record.model_id,
-                "spec": record.spec,
-                "mode": record.mode,
-                "generation": record.generation,
-                "load_seconds": round(record.load_seconds, 3),
-                "cold_start_seconds": round(record.cold_start_seconds, 3),
-                "total_bytes": record.total_bytes,
-                "num_workers": len(record.workers),
-                "swap_of": swap_of,
-                "time": time.time(),
-            })
+            self.cold_starts.append(
+                {
+                    "model_id": record.model_id,
+                    "spec": record.spec,
+                    "mode": record.mode,
+                    "generation": record.generation,
+                    "load_seconds": round(record.load_seconds, 3),
+                    "cold_start_seconds": round(record.cold_start_seconds, 3),
+                    "total_bytes": record.total_bytes,
+                    "num_workers": len(record.workers),
+                    "swap_of": swap_of,
+                    "time": time.time(),
+                }
+            )
             logger.info("model %s ready: cold start %.2f s", record.model_id, record.cold_start_seconds)
             await self._enforce_budget_after_load(record)
         except Exception as exc:
@@ -547,12 +565,16 @@ class ModelManager:
         for role in roles_for_mode(record.mode):
             record.app_names[role] = settings.model_app_name(record.model_id, role)
             record.deployment_names[role] = settings.deployment_name(role)
-            applications[role] = WORKER_CLASSES[role].options(
-                name=record.deployment_names[role],
-                ray_actor_options=options,
-                graceful_shutdown_wait_loop_s=WORKER_SHUTDOWN_WAIT_LOOP_S,
-                graceful_shutdown_timeout_s=5,
-            ).bind(engine_config)
+            applications[role] = (
+                WORKER_CLASSES[role]
+                .options(
+                    name=record.deployment_names[role],
+                    ray_actor_options=options,
+                    graceful_shutdown_wait_loop_s=WORKER_SHUTDOWN_WAIT_LOOP_S,
+                    graceful_shutdown_timeout_s=5,
+                )
+                .bind(engine_config)
+            )
         return applications
 
     async def _deploy(self, record: ModelRecord, applications: dict, note) -> None:
@@ -586,7 +608,9 @@ class ModelManager:
     async def _warm_up(self, router: RequestRouter) -> None:
         """Generate a few tokens so the load's cold-start time ends at a real first token."""
         params = SamplingParams(max_tokens=self.settings.manager.warmup_max_tokens, temperature=0.0, ignore_eos=True)
-        request = PreparedRequest(request_id=f"warmup-{uuid.uuid4().hex[:8]}", prompt_token_ids=[0, 1, 2], sampling_params=params)
+        request = PreparedRequest(
+            request_id=f"warmup-{uuid.uuid4().hex[:8]}", prompt_token_ids=[0, 1, 2], sampling_params=params
+        )
         async for _ in router.stream(request):
             pass
 
@@ -597,7 +621,12 @@ class ModelManager:
         record = self.records.get(model)
         if record is None or record.state in ("unloaded",):
             served = await self.served_model_ids()
-            return ManagerError(404, f"model {model!r} is not loaded; served models: {', '.join(served) or 'none'}", "model_not_found", "model").to_dict()
+            return ManagerError(
+                404,
+                f"model {model!r} is not loaded; served models: {', '.join(served) or 'none'}",
+                "model_not_found",
+                "model",
+            ).to_dict()
         if record.state == "failed":
             record.state = "unloaded"
             return record.to_dict()
@@ -626,7 +655,9 @@ class ModelManager:
         if not drained:
             logger.warning(
                 "model %s: %d request(s) still running after the %.0f s drain timeout; deleting it anyway",
-                record.model_id, record.in_flight, self.settings.manager.drain_timeout_s,
+                record.model_id,
+                record.in_flight,
+                self.settings.manager.drain_timeout_s,
             )
         await self._delete_apps(record)
         record.state = "unloaded"
@@ -658,7 +689,9 @@ class ModelManager:
             return ManagerError(400, str(exc), "invalid_precision", "precision").to_dict()
         new_id = served_model_id(spec)
         if new_id == old:
-            return ManagerError(400, "old and new name the same model; unload and load it to restart it", "invalid_swap", "new").to_dict()
+            return ManagerError(
+                400, "old and new name the same model; unload and load it to restart it", "invalid_swap", "new"
+            ).to_dict()
 
         budget = self._budget_view()
         estimated = self._estimate_bytes(spec, mode or self.settings.mode)
@@ -692,7 +725,9 @@ class ModelManager:
                 return exc.to_dict()
             await self._wait_until(lambda: new_record.state in ("ready", "failed"), None)
             if new_record.state == "failed":
-                logger.warning("swap %s -> %s: the new model failed (%s); keeping %s", old, new_id, new_record.error, old)
+                logger.warning(
+                    "swap %s -> %s: the new model failed (%s); keeping %s", old, new_id, new_record.error, old
+                )
                 old_record.state = "ready"
                 self.aliases = saved_aliases
             else:
@@ -712,8 +747,10 @@ class ModelManager:
             isinstance(memory_budget_mib, bool) or not isinstance(memory_budget_mib, int) or memory_budget_mib < 1
         ):
             return ManagerError(
-                400, f"memory_budget_mib must be an integer >= 1 or null, got {memory_budget_mib!r}",
-                "invalid_budget", "memory_budget_mib",
+                400,
+                f"memory_budget_mib must be an integer >= 1 or null, got {memory_budget_mib!r}",
+                "invalid_budget",
+                "memory_budget_mib",
             ).to_dict()
         self.settings = dataclasses.replace(
             self.settings, manager=dataclasses.replace(self.settings.manager, memory_budget_mib=memory_budget_mib)
@@ -728,26 +765,39 @@ class ModelManager:
         if not isinstance(alias, str) or not alias.strip():
             return ManagerError(400, "alias must be a non-empty string", "invalid_alias", "alias").to_dict()
         if alias in self.records and self.records[alias].state in ("loading", "ready", "draining"):
-            return ManagerError(409, f"{alias!r} is a loaded model id; choose another alias name", "alias_conflict", "alias").to_dict()
+            return ManagerError(
+                409, f"{alias!r} is a loaded model id; choose another alias name", "alias_conflict", "alias"
+            ).to_dict()
         if not isinstance(targets, dict) or not targets:
-            return ManagerError(400, "targets must map at least one model id to a weight", "invalid_targets", "targets").to_dict()
+            return ManagerError(
+                400, "targets must map at least one model id to a weight", "invalid_targets", "targets"
+            ).to_dict()
         for model_id, weight in targets.items():
             record = self.records.get(model_id)
             if record is None or record.state not in ("loading", "ready"):
                 served = await self.served_model_ids()
                 return ManagerError(
-                    404, f"alias target {model_id!r} is not loaded; served models: {', '.join(served) or 'none'}",
-                    "model_not_found", "targets",
+                    404,
+                    f"alias target {model_id!r} is not loaded; served models: {', '.join(served) or 'none'}",
+                    "model_not_found",
+                    "targets",
                 ).to_dict()
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-                return ManagerError(400, f"weight of {model_id!r} must be a number > 0, got {weight!r}", "invalid_weight", "targets").to_dict()
+                return ManagerError(
+                    400, f"weight of {model_id!r} must be a number > 0, got {weight!r}", "invalid_weight", "targets"
+                ).to_dict()
         self.aliases[alias] = {model_id: float(weight) for model_id, weight in targets.items()}
         logger.info("alias %s now points at %s", alias, self.aliases[alias])
         return {"alias": alias, "targets": self.aliases[alias]}
 
     async def delete_alias(self, alias: str) -> dict:
         if self.aliases.pop(alias, None) is None:
-            return ManagerError(404, f"alias {alias!r} does not exist; aliases: {', '.join(self.aliases) or 'none'}", "alias_not_found", "alias").to_dict()
+            return ManagerError(
+                404,
+                f"alias {alias!r} does not exist; aliases: {', '.join(self.aliases) or 'none'}",
+                "alias_not_found",
+                "alias",
+            ).to_dict()
         return {"alias": alias, "deleted": True}
 
     def _repoint_aliases(self, old: str, new: str) -> None:

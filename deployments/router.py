@@ -3,8 +3,10 @@
 `RequestRouter` turns one prepared request into a stream of `TokenEvent`s. In
 disaggregated mode it awaits the prefill worker (first token plus a KV handoff
 reference) and then streams from the decode worker. In co-located mode it streams from
-the single worker. Requests with `n > 1` fan out into `n` engine requests whose streams
-are merged; sequence i uses seed + i so seeded requests stay reproducible.
+the single worker. A co-located request with `n > 1` stays one engine request: the
+engine forks its `n` sequences off the computed prompt, sharing the prompt's KV blocks,
+and gives sequence i the seed + i. In disaggregated mode `n > 1` fans out into `n`
+requests with those same seeds, whose streams are merged.
 """
 
 from __future__ import annotations
@@ -57,27 +59,31 @@ class RequestRouter:
 
     async def stream(self, request: PreparedRequest) -> AsyncIterator[TokenEvent]:
         n = request.sampling_params.n
-        if n == 1:
+        if n == 1 or self.colocated is not None:
             async for event in self._stream_one(request, 0):
                 yield event
             return
+        # NOTE: a prefill-only engine takes one sequence per request, so in disaggregated
+        # mode each of the n sequences is a request of its own on both workers, and they
+        # share prompt KV only through the prefix cache, not through the engine's fork.
         async for event in self._merge([self._stream_one(request, i) for i in range(n)]):
             yield event
 
     async def _stream_one(self, request: PreparedRequest, seq_index: int) -> AsyncIterator[TokenEvent]:
         params = request.sampling_params
+        if self.colocated is not None:
+            # The engine runs all n sequences and sets each event's seq_index itself.
+            args = (request.request_id, request.prompt_token_ids, params, request.priority, request.arrival_time)
+            source = self.colocated.options(stream=True).generate.remote(*args)
+            async for event in _cancel_on_exit(source):
+                yield event
+            return
+
         if params.n > 1:
             seed = None if params.seed is None else params.seed + seq_index
             params = dataclasses.replace(params, n=1, seed=seed)
         request_id = request.request_id if request.sampling_params.n == 1 else f"{request.request_id}-{seq_index}"
         args = (request_id, request.prompt_token_ids, params, request.priority, request.arrival_time)
-
-        if self.colocated is not None:
-            source = self.colocated.options(stream=True).generate.remote(*args)
-            async for event in _cancel_on_exit(source):
-                event.seq_index = seq_index
-                yield event
-            return
 
         result = await self.prefill.prefill.remote(*args)
         first: TokenEvent = result["event"]
@@ -180,7 +186,8 @@ async def compare_streams(stream_events, body: dict) -> AsyncIterator[dict]:
             async for kind_of_item, payload in stream_events(kind, {**shared, "model": model}):
                 now = time.perf_counter()
                 if kind_of_item == "error":
-                    await queue.put({"type": "error", "index": index, "model": model, "error": payload.get("error", payload)})
+                    error = payload.get("error", payload)
+                    await queue.put({"type": "error", "index": index, "model": model, "error": error})
                     return
                 if kind_of_item == "start":
                     await queue.put({"type": "start", "index": index, "model": model, **payload, "requested": model})
@@ -191,21 +198,33 @@ async def compare_streams(stream_events, body: dict) -> AsyncIterator[dict]:
                 text.append(event.text)
                 finish_reason = event.finish_reason or finish_reason
                 await queue.put({
-                    "type": "token", "index": index, "model": model, "text": event.text,
-                    "time_ms": round((now - started) * 1000, 2), "step_id": event.step_id, "batch_size": event.batch_size,
+                    "type": "token",
+                    "index": index,
+                    "model": model,
+                    "text": event.text,
+                    "time_ms": round((now - started) * 1000, 2),
+                    "step_id": event.step_id,
+                    "batch_size": event.batch_size,
                 })
             end = time.perf_counter()
-            decode_s = end - first_token_at if first_token_at is not None else 0.0
+            ttft_ms = None if first_token_at is None else round((first_token_at - started) * 1000, 2)
+            decode_s = 0.0 if first_token_at is None else end - first_token_at
+            decode_rate = round((num_tokens - 1) / decode_s, 2) if num_tokens > 1 and decode_s > 0 else None
             await queue.put({
-                "type": "done", "index": index, "model": model, "text": "".join(text), "num_tokens": num_tokens,
+                "type": "done",
+                "index": index,
+                "model": model,
+                "text": "".join(text),
+                "num_tokens": num_tokens,
                 "finish_reason": finish_reason,
-                "ttft_ms": round((first_token_at - started) * 1000, 2) if first_token_at is not None else None,
+                "ttft_ms": ttft_ms,
                 "e2e_ms": round((end - started) * 1000, 2),
-                "decode_tokens_per_s": round((num_tokens - 1) / decode_s, 2) if num_tokens > 1 and decode_s > 0 else None,
+                "decode_tokens_per_s": decode_rate,
             })
         except Exception as exc:
             logger.exception("compare stream for model %s failed", model)
-            await queue.put({"type": "error", "index": index, "model": model, "error": {"status": 500, "message": str(exc)}})
+            error = {"status": 500, "message": str(exc)}
+            await queue.put({"type": "error", "index": index, "model": model, "error": error})
         finally:
             await queue.put(None)
 

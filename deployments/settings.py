@@ -28,7 +28,8 @@ class ManagerSettings:
 
     def validate(self) -> None:
         if self.load_wait_timeout_s < 0:
-            raise ConfigError("load_wait_timeout_s", f"load_wait_timeout_s must be >= 0, got {self.load_wait_timeout_s}")
+            message = f"load_wait_timeout_s must be >= 0, got {self.load_wait_timeout_s}"
+            raise ConfigError("load_wait_timeout_s", message)
         if self.drain_timeout_s < 0:
             raise ConfigError("drain_timeout_s", f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.memory_budget_mib is not None and self.memory_budget_mib < 1:
@@ -38,7 +39,8 @@ class ManagerSettings:
         if self.retry_after_s < 1:
             raise ConfigError("retry_after_s", f"retry_after_s must be at least 1, got {self.retry_after_s}")
         if self.warmup_max_tokens < 1:
-            raise ConfigError("warmup_max_tokens", f"warmup_max_tokens must be at least 1, got {self.warmup_max_tokens}")
+            message = f"warmup_max_tokens must be at least 1, got {self.warmup_max_tokens}"
+            raise ConfigError("warmup_max_tokens", message)
 
 
 def default_num_threads(mode: str) -> int:

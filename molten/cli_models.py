@@ -76,7 +76,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_url_options(parser: argparse.ArgumentParser, timeout: float) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help="base URL of a running `molten serve` (default: %(default)s)")
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help="base URL of a running `molten serve` (default: %(default)s)"
+    )
     parser.add_argument(
         "--timeout", type=float, default=timeout, help="seconds to wait for the server (default: %(default)s)"
     )
@@ -133,7 +135,9 @@ def _follow_load(args: argparse.Namespace, record: dict) -> dict:
         if record["state"] != "loading":
             return record
         if time.monotonic() > deadline:
-            raise CommandError(f"{record['model_id']} is still loading after {args.timeout:.0f} s; check `molten models status`")
+            raise CommandError(
+                f"{record['model_id']} is still loading after {args.timeout:.0f} s; check `molten models status`"
+            )
         time.sleep(POLL_INTERVAL_S)
         record = _request(args, "GET", f"/v1/molten/models/{record['model_id']}")
 
@@ -197,17 +201,28 @@ def format_status(status: dict) -> str:
         memory = record["memory"]
         cold = f"{record['cold_start_seconds']:.2f} s" if record["cold_start_seconds"] is not None else "-"
         state = record["state"] if record["state"] != "loading" else f"loading ({record['progress_stage']})"
-        rows.append((
-            record["model_id"], state, record["mode"], _mib(memory["weight_bytes"]), _mib(memory["kv_pool_bytes"]),
-            _mib(memory["other_bytes"]), _mib(memory["total_bytes"]), cold, str(record["in_flight"]),
-        ))
+        rows.append(
+            (
+                record["model_id"],
+                state,
+                record["mode"],
+                _mib(memory["weight_bytes"]),
+                _mib(memory["kv_pool_bytes"]),
+                _mib(memory["other_bytes"]),
+                _mib(memory["total_bytes"]),
+                cold,
+                str(record["in_flight"]),
+            )
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     for record in status["models"]:
         if record["state"] == "failed":
             lines.append(f"{record['model_id']} failed: {record['error']}")
     for alias, targets in status["aliases"].items():
-        lines.append(f"alias {alias} -> " + ", ".join(f"{model} (weight {weight:g})" for model, weight in targets.items()))
+        lines.append(
+            f"alias {alias} -> " + ", ".join(f"{model} (weight {weight:g})" for model, weight in targets.items())
+        )
     budget = status["memory"]
     if budget["budget_bytes"] is None:
         lines.append(f"memory: {_mib(budget['used_bytes'])} used by loaded models, no budget set")
@@ -237,7 +252,10 @@ def run_alias(args: argparse.Namespace) -> int:
         result = _request(args, "PUT", f"/v1/molten/models/aliases/{args.alias}", {"targets": targets})
     except CommandError as exc:
         return _fail(exc)
-    print(f"alias {result['alias']} -> " + ", ".join(f"{model} ({weight:g})" for model, weight in result["targets"].items()))
+    print(
+        f"alias {result['alias']} -> "
+        + ", ".join(f"{model} ({weight:g})" for model, weight in result["targets"].items())
+    )
     return 0
 
 

@@ -20,8 +20,17 @@ REFRESH_INTERVAL_S = 2.0
 """How often the tab re-reads the manager's status, so load progress and memory stay current."""
 
 MODEL_COLUMNS = (
-    "model", "state", "mode", "progress", "weights MiB", "KV pool MiB", "other MiB", "total MiB",
-    "load s", "cold start s", "in flight",
+    "model",
+    "state",
+    "mode",
+    "progress",
+    "weights MiB",
+    "KV pool MiB",
+    "other MiB",
+    "total MiB",
+    "load s",
+    "cold start s",
+    "in flight",
 )
 COLD_START_COLUMNS = ("model", "mode", "load s", "cold start s", "total MiB", "swap of")
 COMPARE_COLUMNS = ("model", "TTFT ms", "tokens", "decode tokens/s", "end to end ms", "finish")
@@ -39,20 +48,35 @@ def models_frame(status: Mapping[str, Any]) -> pd.DataFrame:
         progress = record["progress"][-1]["message"] if record["progress"] else ""
         if record["state"] == "failed":
             progress = f"failed: {record['error']}"
-        rows.append((
-            record["model_id"], record["state"], record["mode"], progress,
-            _mib(memory["weight_bytes"]), _mib(memory["kv_pool_bytes"]), _mib(memory["other_bytes"]),
-            _mib(memory["total_bytes"]), record["load_seconds"] and round(record["load_seconds"], 2),
-            record["cold_start_seconds"] and round(record["cold_start_seconds"], 2), record["in_flight"],
-        ))
+        rows.append(
+            (
+                record["model_id"],
+                record["state"],
+                record["mode"],
+                progress,
+                _mib(memory["weight_bytes"]),
+                _mib(memory["kv_pool_bytes"]),
+                _mib(memory["other_bytes"]),
+                _mib(memory["total_bytes"]),
+                record["load_seconds"] and round(record["load_seconds"], 2),
+                record["cold_start_seconds"] and round(record["cold_start_seconds"], 2),
+                record["in_flight"],
+            )
+        )
     return pd.DataFrame(rows, columns=list(MODEL_COLUMNS))
 
 
 def cold_starts_frame(status: Mapping[str, Any]) -> pd.DataFrame:
     """Build one row per load so far, newest first: load request → workers up, and → first token."""
     rows = [
-        (entry["model_id"], entry["mode"], entry["load_seconds"], entry["cold_start_seconds"],
-         _mib(entry["total_bytes"]), entry.get("swap_of") or "")
+        (
+            entry["model_id"],
+            entry["mode"],
+            entry["load_seconds"],
+            entry["cold_start_seconds"],
+            _mib(entry["total_bytes"]),
+            entry.get("swap_of") or "",
+        )
         for entry in reversed(status.get("cold_starts", []))
     ]
     return pd.DataFrame(rows, columns=list(COLD_START_COLUMNS))
@@ -78,7 +102,9 @@ def memory_markdown(status: Mapping[str, Any]) -> str:
         gpu = system.get("gpu")
         if gpu:
             for device in gpu["devices"]:
-                lines.append(f"GPU {device['index']}: {_mib(device['used_bytes'])} of {_mib(device['total_bytes'])} MiB used.")
+                lines.append(
+                    f"GPU {device['index']}: {_mib(device['used_bytes'])} of {_mib(device['total_bytes'])} MiB used."
+                )
         else:
             lines.append("No NVIDIA GPU found: the ledger shows process RSS and the bytes of the engine's tensors.")
     for alias, targets in (status.get("aliases") or {}).items():
@@ -122,10 +148,16 @@ class CompareView:
         rows = []
         for index, model in enumerate(self.models):
             done = self.done.get(index, {})
-            rows.append((
-                model, done.get("ttft_ms"), done.get("num_tokens"), done.get("decode_tokens_per_s"),
-                done.get("e2e_ms"), done.get("finish_reason") or ("error" if index in self.errors else ""),
-            ))
+            rows.append(
+                (
+                    model,
+                    done.get("ttft_ms"),
+                    done.get("num_tokens"),
+                    done.get("decode_tokens_per_s"),
+                    done.get("e2e_ms"),
+                    done.get("finish_reason") or ("error" if index in self.errors else ""),
+                )
+            )
         return pd.DataFrame(rows, columns=list(COMPARE_COLUMNS))
 
 
@@ -247,7 +279,9 @@ def build_models_tab(handle_factory: Callable[[], Any], catalog: list[str] | Non
             compare_prompt = gr.Textbox(label="prompt", lines=2, value="What is a KV cache?")
             compare_button = gr.Button("Compare", variant="primary")
             with gr.Row():
-                compare_boxes = [gr.Textbox(lines=10, visible=False, interactive=False) for _ in range(MAX_COMPARE_MODELS)]
+                compare_boxes = [
+                    gr.Textbox(lines=10, visible=False, interactive=False) for _ in range(MAX_COMPARE_MODELS)
+                ]
             compare_table = gr.Dataframe(CompareView([]).timings_frame(), label="Timings", interactive=False)
 
         status_outputs = [models_table, cold_table, memory_box, compare_models, old_box]

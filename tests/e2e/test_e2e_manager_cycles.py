@@ -73,7 +73,9 @@ def test_ten_cycles_return_memory(cycles_url):
             after = unloaded.json()
             assert after["state"] == "unloaded"
             for pid in worker_pids:
-                assert wait_gone(pid, WORKER_EXIT_TIMEOUT_S), f"worker pid {pid} still runs after unload (cycle {cycle})"
+                assert wait_gone(pid, WORKER_EXIT_TIMEOUT_S), (
+                    f"worker pid {pid} still runs after unload (cycle {cycle})"
+                )
             levels.append(after["memory_after_unload"]["molten_rss_bytes"])
             per_process.append(after["memory_after_unload"]["process_rss_bytes"])
 

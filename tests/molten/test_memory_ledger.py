@@ -69,7 +69,13 @@ def test_split_precision_defaults_to_fp32():
 
 
 def ledger(weight: int, kv: int, total: int) -> dict:
-    return {"weight_bytes": weight, "kv_pool_bytes": kv, "other_bytes": total - weight - kv, "total_bytes": total, "pid": 1}
+    return {
+        "weight_bytes": weight,
+        "kv_pool_bytes": kv,
+        "other_bytes": total - weight - kv,
+        "total_bytes": total,
+        "pid": 1,
+    }
 
 
 def test_record_sums_worker_ledgers():
@@ -82,7 +88,9 @@ def test_record_sums_worker_ledgers():
 
 
 def sample_status() -> dict:
-    record = ModelRecord(model_id="m", spec="m", mode="colocated", state="ready", cold_start_seconds=1.5, load_seconds=1.0)
+    record = ModelRecord(
+        model_id="m", spec="m", mode="colocated", state="ready", cold_start_seconds=1.5, load_seconds=1.0
+    )
     record.workers = [ledger(2**20, 2 * 2**20, 10 * 2**20)]
     record.progress = [{"stage": "ready", "message": "ready", "elapsed_s": 1.5}]
     failed = ModelRecord(model_id="bad", spec="bad", mode="colocated", state="failed", error="no such model")
@@ -90,9 +98,22 @@ def sample_status() -> dict:
         "models": [record.to_dict(), failed.to_dict()],
         "aliases": {"chat": {"m": 1.0}},
         "memory": {"budget_bytes": 64 * 2**20, "used_bytes": 10 * 2**20, "free_bytes": 54 * 2**20},
-        "system": {"molten_rss_bytes": 300 * 2**20, "system_used_bytes": 2**30, "system_total_bytes": 2**32, "gpu": None},
-        "cold_starts": [{"model_id": "m", "mode": "colocated", "load_seconds": 1.0, "cold_start_seconds": 1.5,
-                         "total_bytes": 10 * 2**20, "swap_of": None}],
+        "system": {
+            "molten_rss_bytes": 300 * 2**20,
+            "system_used_bytes": 2**30,
+            "system_total_bytes": 2**32,
+            "gpu": None,
+        },
+        "cold_starts": [
+            {
+                "model_id": "m",
+                "mode": "colocated",
+                "load_seconds": 1.0,
+                "cold_start_seconds": 1.5,
+                "total_bytes": 10 * 2**20,
+                "swap_of": None,
+            }
+        ],
     }
 
 
@@ -131,8 +152,17 @@ def test_compare_view_collects_timings():
     view = CompareView(["a", "b"])
     view.add({"type": "token", "index": 0, "text": "Hel"})
     view.add({"type": "token", "index": 0, "text": "lo"})
-    view.add({"type": "done", "index": 0, "ttft_ms": 5.0, "num_tokens": 2, "decode_tokens_per_s": 10.0,
-              "e2e_ms": 9.0, "finish_reason": "length"})
+    view.add(
+        {
+            "type": "done",
+            "index": 0,
+            "ttft_ms": 5.0,
+            "num_tokens": 2,
+            "decode_tokens_per_s": 10.0,
+            "e2e_ms": 9.0,
+            "finish_reason": "length",
+        }
+    )
     view.add({"type": "error", "index": 1, "error": {"message": "model 'b' is not loaded"}})
     assert view.text_of(0) == "Hello"
     assert "not loaded" in view.text_of(1)
