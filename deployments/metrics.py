@@ -50,6 +50,11 @@ seen here), and an idle worker sets none."""
 HANDOFF_BYTES_BOUNDARIES = [float(2**exponent) for exponent in range(16, 32, 2)]
 """Histogram bucket upper bounds for KV handoff sizes: 64 KiB to 1 GiB by factors of 4."""
 
+ACCEPTED_LENGTH_BOUNDARIES = [count + 0.5 for count in range(17)]
+"""Histogram bucket upper bounds for drafts accepted per verification, 0 to 16 (the most
+`num_speculative_tokens` allows). Ray needs positive bounds, so bucket `a + 0.5` counts
+the verifications that accepted at most `a` drafts."""
+
 
 def current_application() -> str:
     """Name of the Serve application this replica belongs to, or "" outside a Serve replica."""
@@ -74,6 +79,7 @@ class EngineMetrics:
         self._define_latencies()
         self._define_counters()
         self._define_gauges()
+        self._define_spec_metrics()
         tags = {"model": model_id, "role": role, "application": application}
         for metric in (
             self.ttft, self.itl, self.e2e, self.queue_time, self.step_time, *self.latency_totals.values(),
@@ -81,10 +87,12 @@ class EngineMetrics:
             self.generation_tokens, self.requests_finished, self.prefix_queried_tokens, self.prefix_hit_tokens,
             self.prefix_hit_rate, self.num_running, self.num_waiting, self.kv_blocks_used, self.kv_blocks_free,
             self.handoff_bytes, self.handoff_bytes_total, self.handoff_time, self.model_memory,
+            self.spec_draft_tokens, self.spec_accepted_tokens, self.spec_emitted_tokens, self.spec_accepted_length,
         ):
             metric.set_default_tags(tags)
         self._prefix_queried_seen = 0
         self._prefix_hits_seen = 0
+        self._spec_step_seen: int | None = None
         self._gauge_values: dict[tuple, tuple[Gauge, float, dict | None]] = {}
         self._gauge_lock = threading.Lock()
         self._stop = threading.Event()
@@ -270,7 +278,7 @@ class EngineMetrics:
     # -- per step, on the engine thread ---------------------------------------------------
 
     def observe_step(self, engine, events: list[TokenEvent], elapsed_s: float) -> None:
-        """Step listener for `AsyncEngine.step_listeners`: queue times, step time, batch and KV gauges."""
+        """Step listener for `AsyncEngine.step_listeners`: queue times, step time, batch and KV gauges, speculation."""
         self.step_time.observe(elapsed_s)
         record = engine.step_stats.last()
         if record is not None:
@@ -291,6 +299,48 @@ class EngineMetrics:
             self._prefix_queried_seen = stats.num_queried_tokens
             self._prefix_hits_seen = stats.num_hit_tokens
             self._set_gauge(self.prefix_hit_rate, stats.hit_rate)
+        self.observe_spec_step(getattr(engine, "last_spec_step", None))
+
+    def _define_spec_metrics(self) -> None:
+        self.spec_draft_tokens = Counter(
+            "molten_spec_draft_tokens_total",
+            description="Draft tokens the target model verified under speculative decoding.",
+            tag_keys=TAG_KEYS,
+        )
+        self.spec_accepted_tokens = Counter(
+            "molten_spec_accepted_tokens_total",
+            description="Draft tokens the target model accepted.",
+            tag_keys=TAG_KEYS,
+        )
+        self.spec_emitted_tokens = Counter(
+            "molten_spec_emitted_tokens_total",
+            description="Tokens verifications emitted: accepted drafts plus one recovered or bonus token each.",
+            tag_keys=TAG_KEYS,
+        )
+        self.spec_accepted_length = Histogram(
+            "molten_spec_accepted_length",
+            description="Draft tokens accepted by one verification (one sequence in one target step).",
+            boundaries=ACCEPTED_LENGTH_BOUNDARIES,
+            tag_keys=TAG_KEYS,
+        )
+
+    def observe_spec_step(self, spec_step) -> None:
+        """Record one step's speculation (`LLMEngine.last_spec_step`) once; None or an already seen step is skipped."""
+        if spec_step is None or spec_step.totals is None or spec_step.step_id == self._spec_step_seen:
+            return
+        self._spec_step_seen = spec_step.step_id
+        totals = spec_step.totals
+        # Ray counters reject increments of 0.
+        for counter, value in (
+            (self.spec_draft_tokens, totals.num_draft_tokens),
+            (self.spec_accepted_tokens, totals.num_accepted_tokens),
+            (self.spec_emitted_tokens, totals.num_emitted_tokens),
+        ):
+            if value > 0:
+                counter.inc(value)
+        for accepted, count in enumerate(totals.accepted_length_histogram):
+            for _ in range(count):
+                self.spec_accepted_length.observe(accepted)
 
     def set_model_memory(self, weight_bytes: int, kv_cache_bytes: int) -> None:
         self._set_gauge(self.model_memory, weight_bytes, tags={"kind": "weights"})
