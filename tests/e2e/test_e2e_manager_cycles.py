@@ -4,6 +4,9 @@ What is measured: after each unload the manager snapshots the RSS of the process
 outlive a model, which are the manager and the ingress. A model's worker processes exit with it.
 The test checks that every later level is within 5% of the level after the first unload,
 and that each cycle's worker process is gone, so its memory went back to the system.
+
+NOTE: in runs so far the manager and the ingress each still grew by about 1 MiB per cycle
+(about 1.4% over ten cycles, within the bound). Which objects grow is not known yet.
 """
 
 from __future__ import annotations
