@@ -34,6 +34,7 @@ from molten.ui.chat import (  # noqa: E402
 from molten.ui.experiments_tab import build_experiments_tab  # noqa: E402
 from molten.ui.live_panel import LivePanel  # noqa: E402
 from molten.ui.models_tab import build_models_tab  # noqa: E402
+from molten.ui.spec_view import format_origin_markdown  # noqa: E402
 from molten.ui.stats import ReplyStats, format_stats_markdown  # noqa: E402
 from molten.ui.timeline_view import token_timeline_frame  # noqa: E402
 
@@ -153,7 +154,7 @@ class ChatController:
         return (
             history,
             pending_message,
-            format_stats_markdown(update.stats, self.mode),
+            format_stats_markdown(update.stats, self.mode) + format_origin_markdown(update.stats),
             itl_dataframe(update.stats),
             error,
             token_timeline_frame(update.stats),

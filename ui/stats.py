@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from molten.engine.events import HandoffStats, TokenEvent
+from molten.engine.spec_decode.stats import SpecDecodeStats
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ReplyStats:
     """Text delta of each token, which may be empty (see `TokenEvent.text`)."""
     handoff: HandoffStats | None = None
     finish_reason: str | None = None
+    spec_stats: SpecDecodeStats | None = None
+    """Acceptance statistics under speculative decoding; they arrive with the last token."""
 
     def add_event(self, event: TokenEvent) -> None:
         if event.index == 0 or self.num_prompt_tokens is None:
@@ -43,6 +46,8 @@ class ReplyStats:
             self.handoff = event.handoff
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
+        if event.spec_stats is not None:
+            self.spec_stats = event.spec_stats
 
     @property
     def num_output_tokens(self) -> int:
