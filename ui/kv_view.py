@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from molten.ui.stats import format_bytes
+
 MAX_POOL_CELLS = 512
 """Most cells drawn for one pool. A larger pool draws one cell per group of consecutive blocks,
 so the page stays light whatever the KV cache size."""
@@ -107,7 +109,7 @@ def _cell(color: str, tooltip: str) -> str:
 
 
 def _legend(colors: Mapping[str, str]) -> str:
-    items = [(FREE_COLOR, "free"), (SHARED_COLOR, "shared by several sequences (prefix cache)")]
+    items = [(FREE_COLOR, "free"), (SHARED_COLOR, "shared by several sequences (prefix cache or n > 1)")]
     items += [(color, request_id) for request_id, color in colors.items()]
     return " ".join(f"{_cell(color, label)} {html.escape(label)}" for color, label in items)
 
@@ -125,6 +127,18 @@ def _summary(state: Mapping[str, Any], block_map: BlockMap) -> str:
         f"({percent:.1f}%), {len(block_map.shared_blocks)} shared; {num_free} free, of which {num_cached_free} "
         f"still hold cached prefix KV; kv_block_size {state.get('kv_block_size', '?')} tokens; prefix-cache hit "
         f"rate {hit_text}; {state.get('num_running', 0)} running, {state.get('num_waiting', 0)} waiting."
+        + _saved_text(state)
+    )
+
+
+def _saved_text(state: Mapping[str, Any]) -> str:
+    """The memory that shared blocks (prefix cache, n > 1 forks) save now against separate copies."""
+    saved_bytes = int(state.get("saved_kv_bytes") or 0)
+    if not saved_bytes:
+        return ""
+    return (
+        f" Sharing saves {format_bytes(saved_bytes)} ({int(state.get('num_saved_blocks') or 0)} blocks) "
+        "against a copy per sequence."
     )
 
 

@@ -72,3 +72,20 @@ def test_histogram_bars_scale_to_the_largest_count():
         spec.record(2, accepted, accepted + 1)
     lines = format_accepted_length_histogram(spec).splitlines()
     assert lines == [" 0 accepted | █████ 1", " 1 accepted |  0", " 2 accepted | ████████████████████ 4"]
+
+
+def test_kv_view_shows_memory_saved_by_sharing():
+    from molten.ui.kv_view import render_kv_html
+
+    worker = {
+        "role": "colocated", "num_blocks": 40, "num_free_blocks": 33, "num_cached_free_blocks": 0, "kv_block_size": 16,
+        "num_running": 2, "num_waiting": 0, "num_shared_blocks": 2, "num_saved_blocks": 2, "saved_kv_bytes": 3 * 1024 * 1024,
+        "sequences": [
+            {"request_id": "cmpl-n2", "status": "running", "num_tokens": 40, "num_computed_tokens": 39,
+             "block_table": [0, 1, 2]},
+            {"request_id": "cmpl-n2", "status": "running", "num_tokens": 40, "num_computed_tokens": 39,
+             "block_table": [0, 1, 5]},
+        ],
+    }
+    assert "Sharing saves 3.0 MiB (2 blocks) against a copy per sequence." in render_kv_html({"workers": [worker]})
+    assert "Sharing saves" not in render_kv_html({"workers": [worker | {"saved_kv_bytes": 0, "num_saved_blocks": 0}]})
