@@ -132,7 +132,7 @@ def _summary(state: Mapping[str, Any], block_map: BlockMap) -> str:
 
 
 def _saved_text(state: Mapping[str, Any]) -> str:
-    """The memory that shared blocks (prefix cache, n > 1 forks) save now against separate copies."""
+    """Describe the memory that shared blocks (prefix cache, n > 1 forks) save now against separate copies."""
     saved_bytes = int(state.get("saved_kv_bytes") or 0)
     if not saved_bytes:
         return ""
