@@ -40,7 +40,7 @@ def _token_span(text: str, origin: str) -> str:
     # Empty deltas (half a UTF-8 character, held-back text) still get a mark, so every token shows.
     shown = text.translate(TEXT_ENTITIES).replace("\n", "⏎<br>") if text else "∅"
     return (
-        f'<span title="{html.escape(origin)}" data-origin="{html.escape(origin)}" '
+        f'<span title="{html.escape(origin)}" '
         f'style="background:{color};color:#111827;border-radius:3px;padding:0 1px;white-space:pre-wrap">{shown}</span>'
     )
 

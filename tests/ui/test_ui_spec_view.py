@@ -15,7 +15,7 @@ from molten.ui.spec_view import (
 )
 from molten.ui.stats import ReplyStats
 
-SPAN = re.compile(r'<span title="([^"]+)" data-origin="[^"]+" style="background:(#[0-9a-f]{6});[^"]*">(.*?)</span>')
+SPAN = re.compile(r'<span title="([^"]+)" style="background:(#[0-9a-f]{6});[^"]*">(.*?)</span>')
 
 
 def reply(tokens: list[tuple[str, str]], spec_stats: SpecDecodeStats | None = None) -> ReplyStats:
