@@ -99,6 +99,16 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
             _value(results.get(peer_key), "output_tokens_per_s"),
             "engine door, requests arriving together", _why_missing(context, engine_key, peer_key),
         ))
+        ceilings = context.ceilings()
+        if ceilings is not None and dtype in ceilings.matmul_timed_out:
+            # A product that did not finish gives only an upper bound on the rate, so any
+            # fraction of it would overstate how close Molten comes to the machine's limit.
+            targets.append(TargetResult(
+                f"concurrent: Molten {dtype} output tokens/s / matmul-rate ceiling", 0.5, True, None,
+                f"matmul rate not measured: one {dtype} product did not finish within "
+                f"{ceilings.matmul_timeout_s:g} s (the machine was too busy)",
+            ))
+            continue
         targets.append(_ratio(
             f"concurrent: Molten {dtype} output tokens/s / matmul-rate ceiling", 0.5, True,
             _value(results.get(engine_key), "output_tokens_per_s"), concurrent.flop_ceiling(context, dtype),

@@ -85,3 +85,22 @@ def test_interference_plans_each_budget_and_off():
     for budget in context.sizes.interference_chunk_budgets:
         assert interference_key(True, budget) in keys
     assert interference_key(False) in keys
+
+
+def test_timed_out_matmul_leaves_ceiling_unmeasured():
+    from molten.bench import concurrent
+    from molten.bench.context import CEILINGS_KEY
+    from molten.bench.roofline import Ceilings
+
+    context = quick_context()
+    context.results[CEILINGS_KEY] = Ceilings(
+        copy_gb_per_s=1.0, matmul_gflop_per_s={"float32": 0.5}, matmul_timed_out=frozenset({"float32"}),
+        matmul_timeout_s=30.0, repeats=3,
+    )
+    context.results[concurrent.run_key("together", "engine", "float32")] = run_metrics("float32", 8.0)
+
+    target = next(t for t in evaluate_targets(context) if "matmul-rate ceiling" in t.name)
+
+    assert target.measured is None
+    assert target.status == "not measured"
+    assert "did not finish within 30 s" in target.detail
