@@ -101,8 +101,8 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
         ))
         ceilings = context.ceilings()
         if ceilings is not None and dtype in ceilings.matmul_timed_out:
-            # A product that did not finish gives only an upper bound on the rate, so any
-            # fraction of it would overstate how close Molten comes to the machine's limit.
+            # A product that did not finish within the limit reflects how busy the machine
+            # was, not its matmul rate, so a fraction of that figure says nothing about Molten.
             targets.append(TargetResult(
                 f"concurrent: Molten {dtype} output tokens/s / matmul-rate ceiling", 0.5, True, None,
                 f"matmul rate not measured: one {dtype} product did not finish within "
