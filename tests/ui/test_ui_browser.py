@@ -41,8 +41,10 @@ CHROMIUM_ARGS = [
 background traffic (updates, sync, QUIC probes) toward any other host."""
 
 PAGE_LOAD_TIMEOUT_MS = 60_000
+MAX_TOKENS = 96
+"""Reply length set in the page: enough tokens to see the reply stream in several pieces."""
 REPLY_TIMEOUT_S = 120.0
-"""Maximum wait for the whole reply. The tiny model's 256 tokens take a few seconds, but the
+"""Maximum wait for the whole reply. The tiny model's 96 tokens take a few seconds, but the
 machine may be shared with other work."""
 LIVE_VIEW_TIMEOUT_S = 30.0
 """Maximum wait for the live views to show new data. The timer polls every second."""
@@ -156,11 +158,17 @@ def test_browser_streams_reply_and_telemetry(page, playground_url):
         samples_before = telemetry_sample_count(page)
         lines_before = page.evaluate(LINE_PATHS_JS, "#molten-telemetry-utilization")
 
+        max_tokens_box = page.get_by_label("number input for max_tokens")
+        max_tokens_box.fill(str(MAX_TOKENS))
+        max_tokens_box.press("Enter")
         message_box.fill("Explain what a KV cache is.")
         page.get_by_role("button", name="Send", exact=True).click()
         stats = page.locator("#molten-reply-stats")
         wait_until(lambda: re.search(r"Finish reason\s+(length|stop)", stats.inner_text()), REPLY_TIMEOUT_S,
                    "the reply to finish (its finish reason in the figures table)")
+
+        num_output_tokens = int(re.search(r"Output tokens\s+(\d+)", stats.inner_text()).group(1))
+        assert 3 <= num_output_tokens <= MAX_TOKENS, "the max_tokens control reaches the server"
 
         lengths = page.evaluate("window.moltenReplyLengths")
         assert lengths[-1] > 0, "the reply has text"
