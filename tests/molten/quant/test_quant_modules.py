@@ -84,8 +84,11 @@ def test_embeddings_return_dequantized_rows():
     assert relative_error(lookup4, table[ids]) < 0.12
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_tied_model_shares_one_table(precision):
+@pytest.mark.parametrize(
+    ("precision", "head_precision", "head_class"),
+    [("int8", None, Int8Linear), ("int4", None, Int8Linear), ("int4", "int4", Int4Linear)],
+)
+def test_tied_model_shares_one_table(precision, head_precision, head_class):
     config = LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -97,14 +100,17 @@ def test_tied_model_shares_one_table(precision):
     with torch.no_grad():
         expected = model(input_ids=ids).logits
 
-    quantize_model(model, precision)
+    quantize_model(model, precision, head_precision=head_precision)
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
-    shared_name = "codes" if precision == "int8" else "scales_and_zeros"
+    assert isinstance(head, head_class)
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int8Linear if precision == "int8" else Int4Linear)
+    shared_name = "codes" if head_class is Int8Linear else "scales_and_zeros"
     assert getattr(head, shared_name).data_ptr() == getattr(embedding, shared_name).data_ptr()
     assert not any(isinstance(module, torch.nn.Linear) for module in model.modules())
-    # int8: a quarter of fp32 plus scales. int4: an eighth, plus group scales and the nibble copy.
-    limit = 0.30 if precision == "int8" else 0.25
+    # int8: a quarter of fp32 plus scales. int4: an eighth, plus group scales, and a
+    # quarter for the large int8 table (or an eighth for the int4 one and its lookup copy).
+    limit = 0.30 if precision == "int8" else 0.27
     assert weight_bytes(model) < limit * float_bytes
     with torch.no_grad():
         output = model(input_ids=ids).logits

@@ -29,13 +29,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def fake_quantize(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Replace each float weight by its dequantized int8/int4 value, keeping float modules."""
+    """Replace each float weight by its dequantized int8/int4 value, keeping float modules.
+
+    The LM head and input embedding get int8 either way, as quantize_model's default does.
+    """
+    table_modules = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     with torch.no_grad():
         for module in model.modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 continue
             weight = module.weight
-            if precision == "int8":
+            if precision == "int8" or id(module) in table_modules:
                 codes, scales = quantize_int8(weight)
                 weight.copy_(codes.float() * scales.float()[:, None])
             else:
