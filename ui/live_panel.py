@@ -55,7 +55,7 @@ class LivePanel:
         self.handle = handle
         gr.Markdown(
             "## Engine, live\nTelemetry, KV cache, scheduler trace and roofline of the served model, polled "
-            "from the ingress while this tab is open. Times are relative to the last poll."
+            "from the ingress while this tab is open. Times are local wall-clock times."
         )
         with gr.Row():
             self.refresh = gr.Dropdown(

@@ -181,8 +181,7 @@ def roofline_figure(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], 
         axes.axvline(ridge, color="black", linestyle=":", linewidth=1)
         axes.annotate(f"ridge {ridge:.1f} FLOP/B", (ridge, peak_flops / 1e9), textcoords="offset points",
                       xytext=(4, -12), fontsize=8)
-        source = (peaks or {}).get("source")
-        axes.set_title(f"Roofline (peaks: {source or 'unknown source'})", fontsize=10)
+        axes.set_title("Roofline: each dot is one engine step", fontsize=10)
     else:
         axes.set_title("Roofline (machine peaks not measured yet)", fontsize=10)
     if intensities or (bandwidth > 0 and peak_flops > 0):
@@ -210,4 +209,9 @@ def roofline_summary_markdown(steps_by_worker: Mapping[str, Sequence[Mapping[str
             text += (f", that is {100.0 * achieved_bandwidth / bandwidth:.0f}% of peak bandwidth and "
                      f"{100.0 * achieved_flops / peak_flops:.0f}% of peak FLOP/s")
         lines.append(text + ".")
-    return "\n\n".join(lines) or "No measured engine steps yet."
+    if not lines:
+        lines.append("No measured engine steps yet.")
+    if bandwidth > 0 and peak_flops > 0:
+        lines.append(f"Peaks: {bandwidth / 1e9:.1f} GB/s and {peak_flops / 1e9:.0f} GFLOP/s, "
+                     f"{(peaks or {}).get('source') or 'source unknown'}.")
+    return "\n\n".join(lines)

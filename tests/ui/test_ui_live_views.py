@@ -266,6 +266,7 @@ def test_roofline_summary_fractions():
     assert "**decode** step 1 (decode, batch 1)" in text
     assert "10.03 GB/s" in text
     assert "40% of peak bandwidth" in text
+    assert "Peaks: 25.0 GB/s and 150 GFLOP/s, measured." in text
 
 
 # -- polling and the session's rolling window -------------------------------------------
