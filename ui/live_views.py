@@ -96,8 +96,8 @@ class LiveState:
                 if newest_id is None or step["step_id"] > newest_id:
                     steps.append(step)
                     newest_id = step["step_id"]
-            kept = [step for step in steps if step["time"] >= oldest_kept]
-            self.steps_by_worker[worker] = kept[-MAX_STEPS_PER_WORKER:]
+            steps_in_window = [step for step in steps if step["time"] >= oldest_kept]
+            self.steps_by_worker[worker] = steps_in_window[-MAX_STEPS_PER_WORKER:]
 
     @property
     def num_steps(self) -> int:

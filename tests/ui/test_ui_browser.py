@@ -88,7 +88,7 @@ def unused_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until(condition, timeout_s: float, what: str):
+def wait_until(condition, timeout_s: float, description: str):
     """Call `condition` every POLL_EVERY_S until it returns a truthy value and return that value.
 
     The test fails once `timeout_s` has passed.
@@ -99,7 +99,7 @@ def wait_until(condition, timeout_s: float, what: str):
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {description}")
         time.sleep(POLL_EVERY_S)
 
 
