@@ -10,7 +10,12 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from molten.engine.events import TokenEvent
 from molten.engine.spec_decode.stats import SpecDecodeStats
-from molten.protocol.openai import ChatChunkEncoder, CompletionChunkEncoder, build_chat_completion, build_completion
+from molten.protocol.openai import (
+    ChatChunkEncoder,
+    CompletionChunkEncoder,
+    build_chat_completion,
+    build_completion,
+)
 
 MODEL = "smollm2-135m"
 CREATED = 1_700_000_000

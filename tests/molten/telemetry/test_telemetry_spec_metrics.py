@@ -5,6 +5,7 @@ The Ray metric objects are replaced by recorders, so the test needs no Ray.
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -81,4 +82,4 @@ def test_accepted_length_buckets_separate_each_count():
     # Bucket a + 0.5 holds the verifications that accepted at most a drafts, 0 to 16.
     assert ACCEPTED_LENGTH_BOUNDARIES[0] == 0.5
     assert ACCEPTED_LENGTH_BOUNDARIES[-1] == 16.5
-    assert all(later - earlier == 1.0 for earlier, later in zip(ACCEPTED_LENGTH_BOUNDARIES, ACCEPTED_LENGTH_BOUNDARIES[1:]))
+    assert all(later - earlier == 1.0 for earlier, later in itertools.pairwise(ACCEPTED_LENGTH_BOUNDARIES))
