@@ -137,7 +137,13 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(spec, num_blocks)
         self.block_manager = BlockManager(num_blocks, spec.kv_block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, max_model_len)
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_cache,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_model_len=max_model_len,
+        )
         self.drafter = build_drafter(config.speculative, loaded_model, num_blocks, spec.kv_block_size)
         self.spec_stats = SpecDecodeStats(config.speculative.num_speculative_tokens)
         """Acceptance totals over every verification this engine ran."""
