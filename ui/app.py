@@ -23,6 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from molten.protocol.request_models import DEFAULT_CHAT_MAX_TOKENS  # noqa: E402
 from molten.ui.chat import (  # noqa: E402
     ChatParams,
     TurnUpdate,
@@ -52,6 +53,21 @@ CHAT_CONCURRENCY_LIMIT = 8
 ITL_COLUMNS = ("token", "itl_ms")
 
 EMPTY_MESSAGE_ERROR = "empty_message"
+
+MAX_TOKENS_SLIDER_MAX = 2048
+"""Upper end of the max_tokens slider, raised when the server's own default is larger."""
+
+
+def initial_max_tokens(settings_info: Mapping[str, Any]) -> tuple[int, str]:
+    """Return the max_tokens slider's start value and the note under it: the server's default for chat.
+
+    The slider then agrees with what an API call without max_tokens gets: the server's
+    `default_max_tokens` when it was set, else the chat endpoint's own default.
+    """
+    configured = settings_info.get("default_max_tokens")
+    if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+        return configured, f"starts at {configured}, this server's default_max_tokens for API requests"
+    return DEFAULT_CHAT_MAX_TOKENS, f"starts at {DEFAULT_CHAT_MAX_TOKENS}, the API's default for chat requests"
 """Error type of the notice shown when Send is pressed with no message; no request is sent."""
 
 HandleFactory = Callable[[], Any]
@@ -272,7 +288,11 @@ def build_playground(handle_factory: HandleFactory, settings_info: Mapping[str, 
             with gr.Accordion("Decoding controls", open=True):
                 system_prompt = gr.Textbox(label="System prompt (optional)", lines=1)
                 with gr.Row():
-                    max_tokens = gr.Slider(1, 2048, value=256, step=1, label="max_tokens")
+                    start_max_tokens, max_tokens_note = initial_max_tokens(settings_info)
+                    max_tokens = gr.Slider(
+                        1, max(MAX_TOKENS_SLIDER_MAX, start_max_tokens), value=start_max_tokens, step=1,
+                        label="max_tokens", info=max_tokens_note,
+                    )
                     temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0 = greedy)")
                     top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="top_p")
                     top_k = gr.Slider(0, 200, value=0, step=1, label="top_k (0 = off)")

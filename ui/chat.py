@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from molten.engine.events import TokenEvent
+from molten.protocol.request_models import DEFAULT_CHAT_MAX_TOKENS
 
 from molten.ui.stats import ReplyStats
 
@@ -31,7 +32,8 @@ The first item includes queueing and prefill, so this is generous."""
 class ChatParams:
     """Decoding controls of the playground, named as in the OpenAI request body."""
 
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
+    """The API's default for chat, as the playground's slider starts there."""
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0

@@ -2,7 +2,8 @@
 
 The input is one worker's entry of `MoltenIngress.kv_state()`: the block manager's counts
 (`num_blocks`, `num_free_blocks`, `num_cached_free_blocks`, `kv_block_size`,
-`prefix_cache_hit_rate`) and, per live sequence, its `block_table`. A block listed in more
+`prefix_cache_hit_rate`), optionally `cached_free_block_ids` (free blocks that still hold a
+cached prefix's KV) and, per live sequence, its `block_table`. A block listed in more
 than one block table is shared: the prefix cache mapped both sequences' identical prompt
 prefix to the same physical block. The output is HTML for Gradio's `gr.HTML`, built with
 inline styles so it needs no stylesheet. This module has no Gradio import.
@@ -25,6 +26,9 @@ so the page stays light whatever the KV cache size."""
 SEQUENCE_COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f")
 FREE_COLOR = "#e3e3e3"
 SHARED_COLOR = "#d62728"
+CACHED_COLOR = "repeating-linear-gradient(135deg, #e3e3e3 0 2px, #7f7f7f 2px 4px)"
+"""Grey stripes: a free block that still contains a cached prefix's KV. A matching prompt reuses
+it, and the pool evicts it when it needs a fresh block."""
 
 CELL_STYLE = "display:inline-block;width:11px;height:11px;margin:1px;border-radius:2px;vertical-align:middle"
 TABLE_CELL_STYLE = (
@@ -40,6 +44,8 @@ class BlockMap:
     num_blocks: int
     owners: dict[int, list[str]] = field(default_factory=dict)
     """Block id to the request ids whose block tables list it. Blocks absent here are free."""
+    cached_free: set[int] = field(default_factory=set)
+    """Free blocks that still hold a cached prefix's KV (empty when the engine does not list them)."""
 
     @property
     def shared_blocks(self) -> list[int]:
@@ -53,6 +59,7 @@ class BlockMap:
 def build_block_map(state: Mapping[str, Any]) -> BlockMap:
     """Collect, for every block id in any live sequence's block table, the sequences that reference it."""
     block_map = BlockMap(num_blocks=int(state.get("num_blocks") or 0))
+    block_map.cached_free = {int(block) for block in state.get("cached_free_block_ids") or []}
     for sequence in state.get("sequences") or []:
         request_id = str(sequence.get("request_id"))
         for block in sequence.get("block_table") or []:
@@ -68,9 +75,9 @@ def sequence_colors(state: Mapping[str, Any]) -> dict[str, str]:
     return {request_id: SEQUENCE_COLORS[index % len(SEQUENCE_COLORS)] for index, request_id in enumerate(request_ids)}
 
 
-def block_color(owners: Sequence[str], colors: Mapping[str, str]) -> str:
+def block_color(owners: Sequence[str], colors: Mapping[str, str], cached: bool = False) -> str:
     if not owners:
-        return FREE_COLOR
+        return CACHED_COLOR if cached else FREE_COLOR
     if len(owners) > 1:
         return SHARED_COLOR
     return colors.get(owners[0], SEQUENCE_COLORS[0])
@@ -79,7 +86,8 @@ def block_color(owners: Sequence[str], colors: Mapping[str, str]) -> str:
 def pool_cells(block_map: BlockMap, colors: Mapping[str, str]) -> list[tuple[str, str]]:
     """Return (color, tooltip) per pool cell, where each cell is `ceil(num_blocks / MAX_POOL_CELLS)` blocks.
 
-    A grouped cell takes the color of its most telling block: shared, then in use, then free.
+    A grouped cell takes the color of its most telling block: shared, then in use, then
+    holding cached prefix KV, then free.
     """
     group = max(1, math.ceil(block_map.num_blocks / MAX_POOL_CELLS))
     cells = []
@@ -88,19 +96,26 @@ def pool_cells(block_map: BlockMap, colors: Mapping[str, str]) -> list[tuple[str
         owners_per_block = [block_map.owners.get(block, []) for block in blocks]
         shared = [owners for owners in owners_per_block if len(owners) > 1]
         used = [owners for owners in owners_per_block if owners]
+        cached = [block for block in blocks if block in block_map.cached_free and not block_map.owners.get(block)]
         chosen: list[str] = []
         if shared:
             chosen = shared[0]
         elif used:
             chosen = used[0]
-        label = f"block {first}" if group == 1 else f"blocks {first}–{blocks[-1]} ({len(used)} in use)"
+        if group == 1:
+            label = f"block {first}"
+        else:
+            label = f"blocks {first}–{blocks[-1]} ({len(used)} in use"
+            label += f", {len(cached)} holding cached prefix KV)" if cached else ")"
         if len(chosen) > 1:
             label += ": shared by " + ", ".join(chosen)
         elif chosen:
             label += f": {chosen[0]}"
+        elif cached:
+            label += ": free, holds cached prefix KV (reusable until evicted)"
         else:
             label += ": free"
-        cells.append((block_color(chosen, colors), label))
+        cells.append((block_color(chosen, colors, cached=bool(cached)), label))
     return cells
 
 
@@ -108,10 +123,22 @@ def _cell(color: str, tooltip: str) -> str:
     return f'<span style="{CELL_STYLE};background:{color}" title="{html.escape(tooltip)}"></span>'
 
 
-def _legend(colors: Mapping[str, str]) -> str:
-    items = [(FREE_COLOR, "free"), (SHARED_COLOR, "shared by several sequences (prefix cache or n > 1)")]
-    items += [(color, request_id) for request_id, color in colors.items()]
-    return " ".join(f"{_cell(color, label)} {html.escape(label)}" for color, label in items)
+def _legend(state: Mapping[str, Any], colors: Mapping[str, str]) -> str:
+    """Name every color of the pool map: the three block states, then one color per live sequence."""
+    if "cached_free_block_ids" in state:
+        cached_label = "free, still holds cached prefix KV (a matching prompt reuses it; evicted when needed)"
+    else:
+        cached_label = (f"free, still holds cached prefix KV ({int(state.get('num_cached_free_blocks') or 0)} blocks; "
+                        "this engine does not list which, so the map draws them as free)")
+    items = [(FREE_COLOR, "free, empty"), (CACHED_COLOR, cached_label),
+             (SHARED_COLOR, "shared by several sequences (prefix cache or n > 1)")]
+    states = " ".join(f"{_cell(color, label)} {html.escape(label)}" for color, label in items)
+    if colors:
+        sequences = " ".join(f"{_cell(color, request_id)} <code>{html.escape(request_id)}</code>"
+                             for request_id, color in colors.items())
+    else:
+        sequences = "none"
+    return f"{states}<br>Live sequences (one color each, in use by that sequence alone): {sequences}"
 
 
 def _summary(state: Mapping[str, Any], block_map: BlockMap) -> str:
@@ -145,7 +172,10 @@ def _saved_text(state: Mapping[str, Any]) -> str:
 def _block_table_rows(state: Mapping[str, Any], block_map: BlockMap, colors: Mapping[str, str]) -> str:
     sequences = state.get("sequences") or []
     if not sequences:
-        return "<p><i>No live sequences: every block is free or holds cached prefix KV.</i></p>"
+        return (
+            "<p><i>No live sequences: every block is free or holds cached prefix KV. A reply's blocks are in use "
+            "only while it is generated; when it ends, its full blocks stay as cached prefix KV.</i></p>"
+        )
     kv_block_size = int(state.get("kv_block_size") or 1)
     rows = [
         "<table style='border-collapse:collapse;font-size:12px'><tr><th align=left>request</th>"
@@ -184,7 +214,7 @@ def render_worker_kv_html(state: Mapping[str, Any]) -> str:
     scale_note = "" if group == 1 else f" Each cell stands for {group} consecutive blocks."
     return (
         f"<div style='margin-bottom:12px'><p>{_summary(state, block_map)}</p>"
-        f"<p style='font-size:12px'>Pool map, block 0 at the top left.{scale_note} {_legend(colors)}</p>"
+        f"<p style='font-size:12px'>Pool map, block 0 at the top left.{scale_note}<br>{_legend(state, colors)}</p>"
         f"<div style='line-height:0;max-width:760px'>{cells}</div>"
         f"{_block_table_rows(state, block_map, colors)}</div>"
     )

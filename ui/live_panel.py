@@ -31,7 +31,7 @@ LIVE_CONCURRENCY_LIMIT = 8
 """Timer ticks served at once across browser tabs. Each tick only awaits three short handle calls."""
 
 
-def _series_plot(title: str, y_title: str, elem_id: str, visible: bool = True) -> gr.LinePlot:
+def _series_plot(title: str, y_title: str, elem_id: str, visible: bool = True, caption: str | None = None) -> gr.LinePlot:
     return gr.LinePlot(
         series_frame([]),
         x="time",
@@ -45,6 +45,7 @@ def _series_plot(title: str, y_title: str, elem_id: str, visible: bool = True) -
         height=240,
         elem_id=elem_id,
         visible=visible,
+        caption=caption,
     )
 
 
@@ -68,7 +69,16 @@ class LivePanel:
         gr.Markdown("### Telemetry")
         with gr.Row():
             self.utilization = _series_plot("Utilization (%)", "percent", "molten-telemetry-utilization")
-            self.memory = _series_plot("Memory (GiB)", "GiB", "molten-telemetry-memory")
+            self.system_memory = _series_plot(
+                "Machine memory used (GiB)", "GiB", "molten-telemetry-memory",
+                caption="System RAM (and GPU memory) used by every program on the machine, not only Molten.",
+            )
+        self.process_memory = _series_plot(
+            "Memory of Molten's processes (GiB): RSS per process, torch allocations", "GiB",
+            "molten-telemetry-process-memory",
+            caption="Each line is one Molten process, named role:model (decode:smollm2-135m-instruct is the "
+                    "decode worker of that model).",
+        )
         with gr.Row():
             self.pcie = _series_plot("GPU PCIe throughput (MB/s)", "MB/s (10⁶ bytes)", "molten-telemetry-pcie", False)
             self.power = _series_plot("GPU power (W)", "watts", "molten-telemetry-power", False)
@@ -95,15 +105,18 @@ class LivePanel:
                     elem_id="molten-trace",
                 )
             with gr.Column():
-                self.roofline = gr.Plot(label="Roofline", format="png", elem_id="molten-roofline")
+                # No Gradio label: its badge sits over the figure's top left corner, where the
+                # matplotlib title is; the title already names the plot.
+                self.roofline = gr.Plot(label="Roofline", show_label=False, format="png", elem_id="molten-roofline")
                 self.roofline_summary = gr.Markdown("No measured engine steps yet.")
         self.steps = gr.Dataframe(
-            headers=list(STEP_TABLE_COLUMNS), label="Latest engine steps, newest first", max_height=320,
+            headers=list(STEP_TABLE_COLUMNS), label="Latest engine steps, newest first (a utilization above 100%: see the note under the roofline)",
+            max_height=320,
             interactive=False, wrap=True,
         )
 
         outputs = [
-            self.state, self.status, self.utilization, self.memory, self.pcie, self.power, self.latest_sample,
+            self.state, self.status, self.utilization, self.system_memory, self.process_memory, self.pcie, self.power, self.latest_sample,
             self.kv, self.trace, self.steps, self.roofline, self.roofline_summary,
         ]
         self.timer.tick(
@@ -137,6 +150,6 @@ class LivePanel:
             has_gpu_plots = len(live.pcie) > 0 or len(live.power) > 0
             pcie = gr.LinePlot(live.pcie, visible=has_gpu_plots)
             power = gr.LinePlot(live.power, visible=has_gpu_plots)
-        values = (live.status, live.utilization, live.memory, pcie, power, live.latest_sample, live.kv_html,
+        values = (live.status, live.utilization, live.system_memory, live.process_memory, pcie, power, live.latest_sample, live.kv_html,
                   live.trace, live.steps, live.roofline, live.roofline_summary)
         return (state, *(gr.skip() if value is None else value for value in values))

@@ -192,7 +192,8 @@ class LiveOutputs:
 
     status: str
     utilization: Any
-    memory: Any
+    system_memory: Any
+    process_memory: Any
     pcie: Any
     power: Any
     latest_sample: str | None
@@ -208,14 +209,15 @@ def render_live_outputs(state: LiveState, force_roofline: bool = False) -> LiveO
 
     Skipping unchanged views keeps an idle page cheap: the browser redraws only what changed.
     """
-    outputs = LiveOutputs(status_markdown(state), *([None] * 10))
+    outputs = LiveOutputs(status_markdown(state), *([None] * 11))
 
     telemetry_key = (state.last_sample_time(), len(state.telemetry_samples), state.telemetry_source,
                      state.telemetry_notice, state.errors.get("telemetry"))
     if state.mark_rendered("telemetry", telemetry_key):
         frames = telemetry_frames(state.telemetry_samples)
         outputs.utilization = frames.utilization_pct
-        outputs.memory = frames.memory_gib
+        outputs.system_memory = frames.system_memory_gib
+        outputs.process_memory = frames.process_memory_gib
         outputs.pcie = frames.pcie_mb_per_s
         outputs.power = frames.power_w
         latest = state.telemetry_samples[-1] if state.telemetry_samples else None

@@ -142,7 +142,8 @@ def format_stats_markdown(stats: ReplyStats, mode: str | None = None) -> str:
         ("Mean inter-token latency", _ms(stats.mean_itl_ms)),
         ("Prompt tokens", _count(prompt)),
         ("Cached prompt tokens (prefix cache)", cached_text),
-        ("Output tokens", str(stats.num_output_tokens)),
+        # "–" before any token arrives, like the other rows; 0 only for a reply that ended without one.
+        ("Output tokens", _count(stats.num_output_tokens or (0 if stats.finish_reason else None))),
         ("KV handoff (prefill → decode)", describe_handoff(stats, mode)),
         ("Finish reason", stats.finish_reason or "–"),
     ]

@@ -30,8 +30,13 @@ class TelemetryFrames:
 
     utilization_pct: pd.DataFrame
     """CPU utilization and, with a GPU, the time its kernels ran and its memory was busy, in percent."""
-    memory_gib: pd.DataFrame
-    """Memory in GiB: GPU memory used (device and per process) or system RAM, actor RSS and torch allocations."""
+    system_memory_gib: pd.DataFrame
+    """Memory used by the whole machine in GiB: system RAM and, with a GPU, each device's memory."""
+    process_memory_gib: pd.DataFrame
+    """Memory of Molten's own processes in GiB: each actor's RSS, torch allocations and GPU memory per process.
+
+    They sit in their own plot because they are a few GiB at most, and next to the system
+    total (which counts every other program on the machine) their lines would lie flat at zero."""
     pcie_mb_per_s: pd.DataFrame
     """PCIe receive and transmit throughput per GPU in MB/s (10^6 bytes); empty without a GPU."""
     power_w: pd.DataFrame
@@ -54,6 +59,14 @@ def unix_to_datetime(seconds: pd.Series) -> pd.Series:
     return pd.to_datetime(seconds, unit="s")
 
 
+def process_label(name: Any) -> str:
+    """Shorten a telemetry actor name for a plot legend: `molten:decode:smollm2-135m-instruct` -> `decode:smollm2-135m-instruct`.
+
+    Every process in the plot is Molten's, so the `molten:` prefix adds nothing there.
+    """
+    return str(name).removeprefix("molten:")
+
+
 def _append(rows: list, unix_time: float, series: str, value: Any, scale: float = 1.0) -> None:
     if value is None:
         return
@@ -63,7 +76,8 @@ def _append(rows: list, unix_time: float, series: str, value: Any, scale: float 
 def telemetry_frames(samples: Sequence[Mapping[str, Any]]) -> TelemetryFrames:
     """Build the telemetry plots' frames from samples, with x the time each sample was taken."""
     utilization: list = []
-    memory: list = []
+    system_memory: list = []
+    process_memory: list = []
     pcie: list = []
     power: list = []
     for sample in samples:
@@ -74,17 +88,20 @@ def telemetry_frames(samples: Sequence[Mapping[str, Any]]) -> TelemetryFrames:
             name = f"GPU {gpu.get('index', '?')}"
             _append(utilization, seconds, f"{name} kernels running", gpu.get("utilization_gpu_pct"))
             _append(utilization, seconds, f"{name} memory busy", gpu.get("utilization_memory_pct"))
-            _append(memory, seconds, f"{name} used", gpu.get("memory_used_bytes"), GIB)
+            _append(system_memory, seconds, f"{name} memory used", gpu.get("memory_used_bytes"), GIB)
             for process in gpu.get("processes") or []:
-                _append(memory, seconds, f"{name} pid {process.get('pid')}", process.get("used_bytes"), GIB)
+                _append(process_memory, seconds, f"{name} pid {process.get('pid')}", process.get("used_bytes"), GIB)
             _append(pcie, seconds, f"{name} PCIe receive", gpu.get("pcie_rx_bytes_per_s"), MB)
             _append(pcie, seconds, f"{name} PCIe transmit", gpu.get("pcie_tx_bytes_per_s"), MB)
             _append(power, seconds, f"{name} power", gpu.get("power_w"))
-        _append(memory, seconds, "system RAM used", cpu.get("system_memory_used_bytes"), GIB)
-        _append(memory, seconds, "torch allocated", cpu.get("torch_allocated_bytes"), GIB)
+        _append(system_memory, seconds, "system RAM used", cpu.get("system_memory_used_bytes"), GIB)
+        _append(process_memory, seconds, "torch allocated", cpu.get("torch_allocated_bytes"), GIB)
         for actor in cpu.get("actors") or []:
-            _append(memory, seconds, f"{actor.get('name')} RSS", actor.get("rss_bytes"), GIB)
-    return TelemetryFrames(series_frame(utilization), series_frame(memory), series_frame(pcie), series_frame(power))
+            _append(process_memory, seconds, process_label(actor.get("name")), actor.get("rss_bytes"), GIB)
+    return TelemetryFrames(
+        series_frame(utilization), series_frame(system_memory), series_frame(process_memory), series_frame(pcie),
+        series_frame(power),
+    )
 
 
 def _value(value: Any, unit: str = "", digits: int = 0) -> str:

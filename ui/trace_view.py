@@ -191,11 +191,59 @@ def roofline_figure(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], 
     return figure
 
 
+def _percent_text(achieved: float, peak: float, what: str) -> tuple[str, bool]:
+    """Write `achieved` as a percentage of `peak`, flagged when it exceeds the peak; return (text, above peak)."""
+    percent = 100.0 * achieved / peak
+    if percent > 100.0:
+        return f"{percent:.0f}% of peak {what} (above the measured peak, see the note below)", True
+    return f"{percent:.0f}% of peak {what}", False
+
+
+def _above_peak(step: Mapping[str, Any]) -> bool:
+    return any(float(step.get(name) or 0.0) > 1.0 for name in ("bandwidth_utilization", "flop_utilization"))
+
+
+def _peaks_were_measured(peaks: Mapping[str, Any] | None) -> bool:
+    source = str((peaks or {}).get("source") or "")
+    return source.startswith("measured") or " measured " in source
+
+
+def peaks_source_text(peaks: Mapping[str, Any] | None) -> str:
+    """Say where the roofline's peaks came from: a setting, a start-up measurement, or why they are unknown."""
+    source = str((peaks or {}).get("source") or "source unknown")
+    if _peaks_were_measured(peaks):
+        return (f"{source}. They were measured once, when the server started, while the workers were still "
+                "loading, so they can be lower than what the machine can do")
+    return source
+
+
+def above_peak_note(peaks: Mapping[str, Any] | None) -> str:
+    """Explain a step that runs above 100% of a peak, and how to get better peaks."""
+    if not _peaks_were_measured(peaks):
+        return (
+            "⚠️ **Above 100% of a peak**: the peaks come from the telemetry settings "
+            f"({(peaks or {}).get('source') or 'source unknown'}), and an engine step ran faster, so a setting is "
+            "lower than what this machine does. Raise `peak_bandwidth_bytes_per_s` or `peak_flops_per_s`."
+        )
+    return (
+        "⚠️ **Above 100% of a peak**: each peak is the rate of one simple kernel (a memory copy, a matrix "
+        "product), measured once at server start-up while the workers were loading and other programs ran. "
+        "Under that load the peak can come out low, and then an engine step beats it. Restart `molten serve` "
+        "on an idle machine to measure the peaks again, and meanwhile compare the steps with each other rather "
+        "than with 100%."
+    )
+
+
 def roofline_summary_markdown(steps_by_worker: Mapping[str, Sequence[Mapping[str, Any]]], peaks: Mapping[str, Any] | None) -> str:
-    """State each worker's newest step as a fraction of the peaks, the number a reader compares with the plot."""
+    """State each worker's newest step as a fraction of the peaks, the number a reader compares with the plot.
+
+    When any step held (so any row of the steps table) is above 100% of a peak, a note explains
+    why that can happen and how to measure the peaks again.
+    """
     bandwidth = float((peaks or {}).get("bandwidth_bytes_per_s") or 0.0)
     peak_flops = float((peaks or {}).get("flops_per_s") or 0.0)
     lines = []
+    any_above_peak = any(_above_peak(step) for steps in steps_by_worker.values() for step in steps)
     for worker, steps in steps_by_worker.items():
         measured = [step for step in steps if step_intensity(step) is not None]
         if not measured:
@@ -206,12 +254,15 @@ def roofline_summary_markdown(steps_by_worker: Mapping[str, Sequence[Mapping[str
         text = (f"**{worker}** step {step['step_id']} ({_step_kind(step)}, batch {step.get('batch_size')}): "
                 f"{achieved_bandwidth / 1e9:.2f} GB/s, {achieved_flops / 1e9:.2f} GFLOP/s")
         if bandwidth > 0 and peak_flops > 0:
-            text += (f", that is {100.0 * achieved_bandwidth / bandwidth:.0f}% of peak bandwidth and "
-                     f"{100.0 * achieved_flops / peak_flops:.0f}% of peak FLOP/s")
+            bandwidth_text, bandwidth_above = _percent_text(achieved_bandwidth, bandwidth, "bandwidth")
+            flops_text, flops_above = _percent_text(achieved_flops, peak_flops, "FLOP/s")
+            any_above_peak = any_above_peak or bandwidth_above or flops_above
+            text += f", that is {bandwidth_text} and {flops_text}"
         lines.append(text + ".")
     if not lines:
         lines.append("No measured engine steps yet.")
     if bandwidth > 0 and peak_flops > 0:
-        lines.append(f"Peaks: {bandwidth / 1e9:.1f} GB/s and {peak_flops / 1e9:.0f} GFLOP/s, "
-                     f"{(peaks or {}).get('source') or 'source unknown'}.")
+        lines.append(f"Peaks: {bandwidth / 1e9:.1f} GB/s and {peak_flops / 1e9:.0f} GFLOP/s, {peaks_source_text(peaks)}.")
+        if any_above_peak:
+            lines.append(above_peak_note(peaks))
     return "\n\n".join(lines)

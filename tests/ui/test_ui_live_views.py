@@ -11,7 +11,16 @@ from matplotlib.figure import Figure
 from molten.engine.events import TokenEvent
 from molten.ui import live_views
 from molten.ui.app import format_dashboard_markdown
-from molten.ui.kv_view import MAX_POOL_CELLS, SHARED_COLOR, build_block_map, pool_cells, render_kv_html, sequence_colors
+from molten.ui.kv_view import (
+    CACHED_COLOR,
+    FREE_COLOR,
+    MAX_POOL_CELLS,
+    SHARED_COLOR,
+    build_block_map,
+    pool_cells,
+    render_kv_html,
+    sequence_colors,
+)
 from molten.ui.live_views import LiveState, poll_live_state, render_live_outputs, status_markdown
 from molten.ui.stats import ReplyStats
 from molten.ui.telemetry_view import format_latest_sample_markdown, telemetry_frames
@@ -126,10 +135,12 @@ def test_telemetry_frames_cpu_only():
     assert utilization["time"].tolist() == [pd.Timestamp(NOW - 2.0, unit="s")], "a None reading is skipped, not drawn as 0"
     assert str(utilization["time"].dtype).startswith("datetime64")
     assert utilization["series"].tolist() == ["CPU (all cores)"]
-    memory = frames.memory_gib
-    ram = memory[memory["series"] == "system RAM used"]
-    assert ram["value"].tolist() == [8.0, 8.0]
-    assert set(memory["series"]) == {"system RAM used", "molten:decode:m RSS"}
+    system = frames.system_memory_gib
+    assert system["series"].tolist() == ["system RAM used", "system RAM used"]
+    assert system["value"].tolist() == [8.0, 8.0]
+    processes = frames.process_memory_gib
+    assert set(processes["series"]) == {"decode:m"}, "per-process lines sit apart from the system total, as role:model"
+    assert processes["value"].tolist() == [1.0, 1.0]
     assert len(frames.pcie_mb_per_s) == 0
     assert len(frames.power_w) == 0
 
@@ -137,9 +148,10 @@ def test_telemetry_frames_cpu_only():
 def test_telemetry_frames_gpu_series():
     frames = telemetry_frames([gpu_sample(NOW)])
     assert set(frames.utilization_pct["series"]) == {"CPU (all cores)", "GPU 0 kernels running"}
-    memory = dict(zip(frames.memory_gib["series"], frames.memory_gib["value"]))
-    assert memory["GPU 0 used"] == 2.0
-    assert memory["GPU 0 pid 11"] == 1.0
+    assert dict(zip(frames.system_memory_gib["series"], frames.system_memory_gib["value"])) == {
+        "GPU 0 memory used": 2.0, "system RAM used": 8.0}
+    processes = dict(zip(frames.process_memory_gib["series"], frames.process_memory_gib["value"]))
+    assert processes == {"GPU 0 pid 11": 1.0, "decode:m": 1.0}
     assert dict(zip(frames.pcie_mb_per_s["series"], frames.pcie_mb_per_s["value"])) == {
         "GPU 0 PCIe receive": 3.0, "GPU 0 PCIe transmit": 1.0}
     assert frames.power_w["value"].tolist() == [310.5]
@@ -195,6 +207,31 @@ def test_kv_html_escapes_and_summarizes():
     assert "of which 3 still hold cached prefix KV" in text
     assert "prefix-cache hit rate 50%" in text
     assert "tokens 16–31" in text, "the tooltip of logical block 1 names its token positions"
+
+
+def test_pool_cells_mark_cached_blocks():
+    state = dict(kv_worker(), cached_free_block_ids=[8, 9, 0])
+    cells = pool_cells(build_block_map(state), sequence_colors(state))
+    assert cells[8] == (CACHED_COLOR, "block 8: free, holds cached prefix KV (reusable until evicted)")
+    assert cells[10] == (FREE_COLOR, "block 10: free")
+    assert cells[0][0] == SHARED_COLOR, "a block in use is drawn as in use, whatever the cached list says"
+    grouped = {"num_blocks": MAX_POOL_CELLS * 2, "cached_free_block_ids": [3], "sequences": []}
+    assert pool_cells(build_block_map(grouped), {})[1] == (
+        CACHED_COLOR, "blocks 2–3 (0 in use, 1 holding cached prefix KV): free, holds cached prefix KV (reusable until evicted)")
+
+
+def test_kv_legend_names_colors():
+    text = render_kv_html({"workers": [dict(kv_worker(), cached_free_block_ids=[8])]})
+    assert "free, empty" in text
+    assert "free, still holds cached prefix KV (a matching prompt reuses it" in text
+    assert "shared by several sequences" in text
+    assert CACHED_COLOR in text
+    assert FREE_COLOR in text
+    legend = text.split("Live sequences (one color each")[1].split("</p>")[0]
+    assert "<code>chat-&lt;a&gt;</code>" in legend
+    assert "<code>chat-b</code>" in legend
+    unlisted = render_kv_html({"workers": [kv_worker()]})
+    assert "3 blocks; this engine does not list which" in unlisted, "without the ids the legend still gives the count"
 
 
 def test_kv_html_without_data():
@@ -267,6 +304,28 @@ def test_roofline_summary_fractions():
     assert "10.03 GB/s" in text
     assert "40% of peak bandwidth" in text
     assert "Peaks: 25.0 GB/s and 150 GFLOP/s, measured." in text
+    assert "measured once, when the server started" in text, "the summary says where the peaks came from"
+    assert "above the measured peak" not in text
+    assert "Above 100% of a peak" not in text
+
+
+def test_roofline_summary_above_peak():
+    fast = make_step(1, NOW, prefill=64, duration_ms=1.0)
+    assert fast["achieved_flops_per_s"] / PEAKS["flops_per_s"] > 1
+    text = roofline_summary_markdown({"prefill": [fast]}, PEAKS)
+    assert "% of peak FLOP/s (above the measured peak, see the note below)" in text
+    assert "Above 100% of a peak" in text
+    assert "Restart `molten serve` on an idle machine" in text
+
+    # A table row above 100% (not the newest step) gets the note too.
+    older = dict(make_step(1, NOW - 1, decode=1, duration_ms=40.0), bandwidth_utilization=1.32)
+    text = roofline_summary_markdown({"decode": [older, make_step(2, NOW, decode=1, duration_ms=40.0)]}, PEAKS)
+    assert "Above 100% of a peak" in text
+    set_peaks = dict(PEAKS, source="setting")
+    text = roofline_summary_markdown({"decode": [older]}, set_peaks)
+    assert "measured once" not in text, "peaks from settings were not measured"
+    assert "start-up" not in text
+    assert "Raise `peak_bandwidth_bytes_per_s` or `peak_flops_per_s`" in text
 
 
 # -- polling and the session's rolling window -------------------------------------------
@@ -396,7 +455,8 @@ def test_render_outputs_fill_every_view():
     )
     outputs = render_live_outputs(state)
     assert len(outputs.utilization) == 1
-    assert len(outputs.memory) == 2
+    assert len(outputs.system_memory) == 1
+    assert len(outputs.process_memory) == 1
     assert "6 of 40 blocks in use" in outputs.kv_html
     assert outputs.trace["tokens"].tolist() == [2]
     assert outputs.steps["step"].tolist() == [1]
@@ -414,7 +474,7 @@ def test_render_outputs_skip_unchanged_views():
     state.kv = {"workers": [kv_worker()]}
     unchanged = render_live_outputs(state)
     assert unchanged.status is not None, "the status line always shows the newest poll"
-    for name in ("utilization", "memory", "pcie", "power", "latest_sample", "kv_html", "trace", "steps",
+    for name in ("utilization", "system_memory", "process_memory", "pcie", "power", "latest_sample", "kv_html", "trace", "steps",
                  "roofline_summary"):
         assert getattr(unchanged, name) is None, f"{name} has nothing new"
     state.telemetry_samples.append(cpu_sample(NOW))

@@ -7,7 +7,9 @@ import asyncio
 import gradio as gr
 import pytest
 
-from molten.ui.app import ChatController, build_playground, format_error_markdown
+from molten.protocol.request_models import DEFAULT_CHAT_MAX_TOKENS
+from molten.ui.app import ChatController, build_playground, format_error_markdown, initial_max_tokens
+from molten.ui.chat import ChatParams
 
 
 def collect(async_iterator) -> list:
@@ -70,9 +72,11 @@ def test_unavailable_ingress_shows_error():
 def test_playground_has_live_views():
     blocks = build_playground(lambda: None, {"model": "tiny-random-llama", "mode": "disaggregated"})
     elem_ids = {block.elem_id for block in blocks.blocks.values() if getattr(block, "elem_id", None)}
-    expected = {"molten-token-timeline", "molten-telemetry-utilization", "molten-telemetry-memory", "molten-kv",
-                "molten-trace", "molten-roofline", "molten-live-status"}
+    expected = {"molten-token-timeline", "molten-telemetry-utilization", "molten-telemetry-memory",
+                "molten-telemetry-process-memory", "molten-kv", "molten-trace", "molten-roofline", "molten-live-status"}
     assert expected <= elem_ids
+    roofline = next(block for block in blocks.blocks.values() if getattr(block, "elem_id", None) == "molten-roofline")
+    assert roofline.show_label is False, "Gradio's label badge would cover the figure's title"
     # Other tabs may add timers of their own.
     timers = [block for block in blocks.blocks.values() if isinstance(block, gr.Timer)]
     assert any(timer.value == 1.0 and timer.active for timer in timers)
@@ -85,3 +89,17 @@ def test_refresh_choice_sets_timer():
     faster = LivePanel.set_refresh("0.5 s")
     assert faster.active is True
     assert faster.value == 0.5
+
+
+def test_max_tokens_slider_starts_at_the_api_default():
+    assert initial_max_tokens({"default_max_tokens": "endpoint default (chat 512, completions 16)"})[0] == (
+        DEFAULT_CHAT_MAX_TOKENS)
+    assert initial_max_tokens({})[0] == DEFAULT_CHAT_MAX_TOKENS == ChatParams().max_tokens
+    value, note = initial_max_tokens({"default_max_tokens": 3000})
+    assert value == 3000
+    assert "this server's default_max_tokens" in note
+    blocks = build_playground(lambda: None, {"model": "m", "default_max_tokens": 3000})
+    slider = next(block for block in blocks.blocks.values()
+                  if isinstance(block, gr.Slider) and block.label == "max_tokens")
+    assert slider.value == 3000
+    assert slider.maximum >= 3000

@@ -94,6 +94,14 @@ def test_stats_markdown_lists_figures():
     assert "3 KV blocks" in markdown
 
 
+def test_empty_stats_show_dashes():
+    markdown = format_stats_markdown(ReplyStats(), "disaggregated")
+    values = [line.split("|")[2].strip() for line in markdown.splitlines()[2:]]
+    assert values and set(values) == {"–"}, f"an empty reply shows no figure yet, saw {values}"
+    ended = ReplyStats(finish_reason="abort")
+    assert "| Output tokens | 0 |" in format_stats_markdown(ended), "a reply that ended without tokens has 0"
+
+
 @pytest.mark.parametrize(
     ("num_bytes", "expected"),
     [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (49_152, "48.0 KiB"), (3 * 1024 * 1024, "3.0 MiB"),
