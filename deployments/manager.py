@@ -25,11 +25,13 @@ import dataclasses
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import psutil
+import ray
 from ray import serve
 
 from molten.deployments.router import PreparedRequest, RequestRouter
@@ -47,10 +49,28 @@ WORKER_CLASSES = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated":
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 
+CPU_TOLERANCE = 1e-6
+"""Slack when comparing Ray CPU shares, which are fractions."""
+
+CPU_RECHECK_S = 2.0
+"""How long a load that finds too few free Ray CPUs re-reads the count before it is rejected."""
+
+CPU_RECHECK_INTERVAL_S = 0.25
+
 POLL_INTERVAL_S = 0.05
 """How often a waiting call re-checks a model's state or in-flight count."""
 
 DEPLOY_PROGRESS_INTERVAL_S = 1.0
+"""How often a load re-reads Serve's status of its worker applications."""
+
+DEPLOY_PROGRESS_REPEAT_S = 15.0
+"""A deploy progress line that did not change is repeated this often, with the time waited so far."""
+
+UNSCHEDULED_MARKER = "to be scheduled"
+"""Text of Serve's status message for a replica that Ray could not place for lack of resources."""
+
+CANCEL_CLEANUP_TIMEOUT_S = 60.0
+"""Seconds a cancelled load waits for its Serve deploy call to return before deleting its applications."""
 
 WORKER_SHUTDOWN_WAIT_LOOP_S = 0.5
 """Serve's check interval for ongoing requests when a worker stops; the manager drains first, so short."""
@@ -61,6 +81,12 @@ DEFAULT_RUNTIME_BYTES = 400 * 2**20
 
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 """Approximate bytes per weight at each precision, for estimating a model's size before it loads."""
+
+
+def _explicit_precision(spec: str) -> str | None:
+    """Return the precision suffix of `<model>:<precision>`, or None when the spec names none."""
+    base, _, suffix = spec.rpartition(":")
+    return suffix if base and suffix in PRECISIONS else None
 
 
 def _split_precision(spec: str) -> tuple[str, str]:
@@ -100,6 +126,8 @@ class ModelRecord:
     spec: str
     """Argument of the workers' `load_model`: catalog name, path or hub id, with any precision suffix."""
     mode: str
+    worker_num_cpus: float = 0.25
+    """Ray CPUs reserved by each of this model's workers."""
     state: str = "loading"
     error: str | None = None
     generation: int = 0
@@ -135,13 +163,25 @@ class ModelRecord:
         return self.estimated_bytes or 0
 
     def to_dict(self) -> dict:
+        """The record as JSON; `memory` sums the ledgers over `num_workers` workers.
+
+        An unloaded or failed model holds no memory: its figures are 0 and `released_bytes` is
+        what its workers held (the before and after snapshots stay in the record). A loading
+        model's `total_bytes` is the estimate (`estimated` is true) until its workers are measured.
+        """
         data = dataclasses.asdict(self)
         memory = {
             "weight_bytes": sum(worker["weight_bytes"] for worker in self.workers),
             "kv_pool_bytes": sum(worker["kv_pool_bytes"] for worker in self.workers),
             "other_bytes": sum(worker["other_bytes"] for worker in self.workers),
             "total_bytes": self.total_bytes,
+            "num_workers": len(self.workers) or len(roles_for_mode(self.mode)),
+            "estimated": not self.workers,
+            "released_bytes": 0,
         }
+        if self.state in ("unloaded", "failed"):
+            released = sum(worker["total_bytes"] for worker in self.workers)
+            memory.update(weight_bytes=0, kv_pool_bytes=0, other_bytes=0, total_bytes=0, released_bytes=released)
         data["memory"] = memory
         data["progress_stage"] = self.progress[-1]["stage"] if self.progress else None
         return data
@@ -169,6 +209,11 @@ class ManagerError(Exception):
                 "retry_after_s": self.retry_after_s,
             }
         }
+
+
+def ray_cpus() -> tuple[float, float]:
+    """Return (free, total) logical CPUs of the Ray cluster this process belongs to."""
+    return ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
 
 
 def process_rss_bytes(pids: set[int]) -> dict[int, int]:
@@ -222,6 +267,10 @@ class ModelManager:
         self.client_pids: set[int] = set()
         """Ingress processes that took leases; their RSS belongs to the system view of memory."""
         self._tasks: set[asyncio.Task] = set()
+        self._load_tasks: dict[str, asyncio.Task] = {}
+        """Model id → the task running its latest load, so an unload can cancel it."""
+        self._deploy_calls: dict[str, asyncio.Future] = {}
+        """Model id → its Serve deploy call, which a cancelled load waits for before deleting the applications."""
         self._random = random.Random()
         logger.info("model manager ready (app %s, pid %d)", settings.app_name, os.getpid())
 
@@ -255,15 +304,20 @@ class ModelManager:
         return {record.model_id: self._route(record) for record in self.records.values() if record.state == "ready"}
 
     def _budget_view(self) -> dict:
+        """Memory of loaded (ready or draining) models, estimates of loading ones, and what the budget leaves free.
+
+        Loading models count against the budget by their estimate, so two loads started
+        together cannot both take the same free memory, but they are not in `used_bytes`.
+        """
         budget_mib = self.settings.manager.memory_budget_mib
-        used = sum(
-            record.total_bytes for record in self.records.values() if record.state in ("loading", "ready", "draining")
-        )
+        used = sum(record.total_bytes for record in self.records.values() if record.state in ("ready", "draining"))
+        loading = sum(record.total_bytes for record in self.records.values() if record.state == "loading")
         budget = None if budget_mib is None else budget_mib * 2**20
         return {
             "budget_bytes": budget,
             "used_bytes": used,
-            "free_bytes": None if budget is None else budget - used,
+            "loading_estimate_bytes": loading,
+            "free_bytes": None if budget is None else budget - used - loading,
         }
 
     def _memory_snapshot(self) -> dict:
@@ -364,25 +418,47 @@ class ModelManager:
 
     # -- load --------------------------------------------------------------------------
 
-    async def load(self, model: str, mode: str | None = None, precision: str | None = None, wait: bool = False) -> dict:
+    async def load(
+        self,
+        model: str,
+        mode: str | None = None,
+        precision: str | None = None,
+        wait: bool = False,
+        worker_num_cpus: float | None = None,
+    ) -> dict:
         """Start loading `model` (or return its record if it is already loading or ready).
 
-        With `wait`, returns when the load finished (ready or failed). A load past the
-        memory budget first unloads idle models, least recently used first; when that is
-        not enough it is rejected with HTTP 507 naming the memory needed and free.
+        With `wait`, returns when the load finished (ready, failed, or unloaded by a cancelling
+        unload). A load whose workers need more Ray CPUs than are free is rejected at once
+        with HTTP 507 naming the CPUs needed and free. A load past the memory budget first
+        unloads idle models, least recently used first; when that is not enough it is
+        rejected with HTTP 507 naming the memory needed and free. `worker_num_cpus`
+        overrides the server's Ray CPU share per worker for this model.
         """
         try:
-            record = await self._start_load(model, mode, precision)
+            record = await self._start_load(model, mode, precision, worker_num_cpus=worker_num_cpus)
         except ManagerError as exc:
             return exc.to_dict()
         if wait:
-            await self._wait_until(lambda: record.state in ("ready", "failed"), None)
+            await self._wait_until(lambda: record.state in ("ready", "failed", "unloaded"), None)
         return record.to_dict()
 
     async def _start_load(
-        self, model: str, mode: str | None, precision: str | None, *, swap_of: str | None = None
+        self,
+        model: str,
+        mode: str | None,
+        precision: str | None,
+        *,
+        swap_of: str | None = None,
+        worker_num_cpus: float | None = None,
+        check_cpus: bool = True,
     ) -> ModelRecord:
         mode = mode or self.settings.mode
+        num_cpus = self.settings.worker_num_cpus if worker_num_cpus is None else worker_num_cpus
+        if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or not num_cpus > 0:
+            raise ManagerError(
+                400, f"worker_num_cpus must be a number > 0, got {num_cpus!r}", "invalid_cpus", "worker_num_cpus"
+            )
         if mode not in MODES:
             raise ManagerError(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}", "invalid_mode", "mode")
         if not isinstance(model, str) or not model.strip():
@@ -408,16 +484,58 @@ class ModelManager:
         if existing is not None and existing.state == "draining":
             await self._wait_until(lambda: existing.state != "draining", self.settings.manager.drain_timeout_s + 60)
 
+        if check_cpus:
+            needed, free, total = await self._cpu_room(mode, num_cpus)
+            if needed > free + CPU_TOLERANCE:
+                raise self._cpu_error(model_id, mode, num_cpus, needed, free, total)
         estimated = self._estimate_bytes(spec, mode)
         await self._make_room(estimated, exclude=swap_of)
 
         generation = existing.generation + 1 if existing is not None else 1
-        record = ModelRecord(model_id=model_id, spec=spec, mode=mode, generation=generation, estimated_bytes=estimated)
+        record = ModelRecord(
+            model_id=model_id,
+            spec=spec,
+            mode=mode,
+            worker_num_cpus=float(num_cpus),
+            generation=generation,
+            estimated_bytes=estimated,
+        )
         record.memory_before_load = self._memory_snapshot()
         self.records[model_id] = record
-        self._spawn(self._run_load(record, swap_of))
+        self._load_tasks[model_id] = self._spawn(self._run_load(record, swap_of))
         logger.info("loading model %s (spec %s, %s mode, generation %d)", model_id, spec, mode, generation)
         return record
+
+    async def _cpu_room(self, mode: str, worker_num_cpus: float) -> tuple[float, float, float]:
+        """Return (CPUs the mode's workers need, Ray CPUs free now, Ray CPUs in the cluster)."""
+        needed = len(roles_for_mode(mode)) * worker_num_cpus
+        # Ray's free count is refreshed a moment after actors start or stop: right after an
+        # unload the CPUs may not show as free yet, so a shortfall is re-read for a moment.
+        # NOTE: for the same reason a load started right after another may pass this check
+        # and wait for CPUs; the deploy stage fails it when Serve reports its workers
+        # unscheduled (see _deploy).
+        deadline = time.monotonic() + CPU_RECHECK_S
+        while True:
+            free, total = await asyncio.to_thread(ray_cpus)
+            if needed <= free + CPU_TOLERANCE or time.monotonic() >= deadline:
+                return needed, free, total
+            await asyncio.sleep(CPU_RECHECK_INTERVAL_S)
+
+    @staticmethod
+    def _cpu_error(model_id: str, mode: str, worker_num_cpus: float, needed: float, free: float, total: float):
+        num_workers = len(roles_for_mode(mode))
+        fixes = ["unload a model (`molten models unload MODEL`)"]
+        if mode != "colocated":
+            fixes.append("load it with --mode colocated (one worker)")
+        fixes.append("restart `molten serve` with a lower worker_num_cpus (Ray CPU share per worker)")
+        return ManagerError(
+            507,
+            f"not enough free Ray CPUs to load {model_id!r} in {mode} mode: its {num_workers} worker(s) need "
+            f"{needed:.2f} CPU ({worker_num_cpus:g} each, worker_num_cpus) and {free:.2f} of the cluster's "
+            f"{total:.2f} CPU are free. To fix: " + ", or ".join(fixes),
+            "insufficient_cpu",
+            "mode",
+        )
 
     def _estimate_bytes(self, spec: str, mode: str) -> int:
         """Estimate a model's memory before loading it, from earlier measurements in this manager.
@@ -518,7 +636,7 @@ class ModelManager:
             if record.state == "loading":
                 record.state = "ready"
                 record.ready_at = time.time()
-                note("ready", f"ready: first token {record.cold_start_seconds:.2f} s after the load request")
+                note("ready", f"first token {record.cold_start_seconds:.2f} s after the load request")
             self.cold_starts.append(
                 {
                     "model_id": record.model_id,
@@ -535,12 +653,30 @@ class ModelManager:
             )
             logger.info("model %s ready: cold start %.2f s", record.model_id, record.cold_start_seconds)
             await self._enforce_budget_after_load(record)
+        except asyncio.CancelledError:
+            # An unload cancelled this load: delete whatever was deployed, then report it unloaded.
+            note("cancelled", "load cancelled by an unload; deleting its workers")
+            await self._delete_after_deploy_call(record)
+            record.state = "unloaded"
+            record.unload_seconds = time.perf_counter() - started
+            record.memory_after_unload = self._memory_snapshot()
+            logger.info("model %s: load cancelled by an unload", record.model_id)
         except Exception as exc:
             logger.exception("loading model %s failed", record.model_id)
             record.state = "failed"
             record.error = _first_line(exc)
             note("failed", record.error)
-            await self._delete_apps(record)
+            self._drop_from_aliases(record.model_id)
+            await self._delete_after_deploy_call(record)
+        finally:
+            self._deploy_calls.pop(record.model_id, None)
+
+    async def _delete_after_deploy_call(self, record: ModelRecord) -> None:
+        """Delete a load's applications once its Serve deploy call returned, so none is created after the delete."""
+        call = self._deploy_calls.get(record.model_id)
+        if call is not None and not call.done():
+            await asyncio.wait([call], timeout=CANCEL_CLEANUP_TIMEOUT_S)
+        await self._delete_apps(record)
 
     async def _enforce_budget_after_load(self, record: ModelRecord) -> None:
         """Check the budget with the measured size; evict idle models or unload this one when it does not fit."""
@@ -558,7 +694,7 @@ class ModelManager:
     def _build_worker_apps(self, record: ModelRecord) -> dict:
         settings = dataclasses.replace(self.settings, model=record.spec, mode=record.mode)
         engine_config = settings.engine_config()
-        options: dict = {"num_cpus": settings.worker_num_cpus}
+        options: dict = {"num_cpus": record.worker_num_cpus}
         if "MOLTEN_HOME" in os.environ:
             options["runtime_env"] = {"env_vars": {"MOLTEN_HOME": os.environ["MOLTEN_HOME"]}}
         applications = {}
@@ -578,25 +714,61 @@ class ModelManager:
         return applications
 
     async def _deploy(self, record: ModelRecord, applications: dict, note) -> None:
-        """Deploy the worker applications (no HTTP route) and report their status every second until they run."""
+        """Deploy the worker applications (no HTTP route) and wait, polling Serve's status, until they run.
+
+        Raises RuntimeError when a worker fails to start or Serve reports it unscheduled (Ray
+        has no free CPUs for it), and TimeoutError past `load_timeout_s`; the caller deletes
+        the applications. The deploy call itself returns at once, so this coroutine can be
+        cancelled between polls.
+        """
         targets = [
             serve.RunTarget(target=app, name=record.app_names[role], route_prefix=None)
             for role, app in applications.items()
         ]
-        deploying = asyncio.ensure_future(asyncio.to_thread(serve.run_many, targets))
-        while not deploying.done():
-            await asyncio.wait([deploying], timeout=DEPLOY_PROGRESS_INTERVAL_S)
-            if not deploying.done():
-                note("deploy", await asyncio.to_thread(self._deploy_status_message, record))
-        deploying.result()
+        started = time.monotonic()
+        call = asyncio.ensure_future(
+            asyncio.to_thread(
+                serve.run_many, targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False
+            )
+        )
+        self._deploy_calls[record.model_id] = call
+        # Shielded: a cancelled load must still let the call finish before deleting what it created.
+        await asyncio.shield(call)
+        timeout = self.settings.manager.load_timeout_s
+        last_message, last_noted = None, 0.0
+        while True:
+            roles = await asyncio.to_thread(self._worker_app_states, record)
+            if all(state == "RUNNING" for state, _ in roles.values()):
+                return
+            waited = time.monotonic() - started
+            for role, (state, message) in roles.items():
+                if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                    raise RuntimeError(f"the {role} worker failed to start: {_summary(message)}")
+                if UNSCHEDULED_MARKER in message:
+                    raise RuntimeError(
+                        f"Ray could not place the {role} worker after {waited:.0f} s: {_summary(message)} "
+                        "Unload a model, load this one with --mode colocated, or lower worker_num_cpus"
+                    )
+            text = ", ".join(f"{role} {state.lower().replace('_', ' ')}" for role, (state, _) in roles.items())
+            if waited > timeout:
+                raise TimeoutError(f"the workers were not running after {timeout:.0f} s (load_timeout_s): {text}")
+            if text != last_message or waited - last_noted >= DEPLOY_PROGRESS_REPEAT_S:
+                note("deploy", f"starting worker processes and loading weights: {text} ({waited:.0f} s)")
+                last_message, last_noted = text, waited
+            await asyncio.sleep(DEPLOY_PROGRESS_INTERVAL_S)
 
-    def _deploy_status_message(self, record: ModelRecord) -> str:
+    def _worker_app_states(self, record: ModelRecord) -> dict[str, tuple[str, str]]:
+        """Serve's status of each worker application: (APPLICATION_STATUS, messages of it and its deployments)."""
         applications = serve.status().applications
-        parts = []
+        states = {}
         for role, app_name in record.app_names.items():
             app = applications.get(app_name)
-            parts.append(f"{role} {app.status.value.lower() if app else 'pending'}")
-        return "deploying: " + ", ".join(parts)
+            if app is None:
+                states[role] = ("PENDING", "")
+                continue
+            messages = [app.message] + [deployment.message for deployment in app.deployments.values()]
+            states[role] = (app.status.value, " ".join(message for message in messages if message))
+        return states
 
     def _router_for(self, record: ModelRecord) -> RequestRouter:
         handles = {
@@ -617,7 +789,11 @@ class ModelManager:
     # -- unload and swap ---------------------------------------------------------------
 
     async def unload(self, model: str, wait: bool = True) -> dict:
-        """Stop routing to `model`, wait for its streams (up to drain_timeout_s), then delete its workers."""
+        """Stop routing to `model`, wait for its streams (up to drain_timeout_s), then delete its workers.
+
+        A model that is still loading has its load cancelled and its applications deleted.
+        Without `wait`, returns at once with the record (state `draining` until it is gone).
+        """
         record = self.records.get(model)
         if record is None or record.state in ("unloaded",):
             served = await self.served_model_ids()
@@ -631,6 +807,15 @@ class ModelManager:
             record.state = "unloaded"
             return record.to_dict()
         if record.state == "loading":
+            task = self._load_tasks.get(record.model_id)
+            if task is not None and not task.done():
+                # Nothing is routed to a loading model, so there is nothing to drain: stop the
+                # load; its task deletes what it deployed and marks the model unloaded.
+                record.state = "draining"
+                task.cancel()
+                if wait:
+                    await asyncio.wait([task])
+                return record.to_dict()
             await self._wait_until(lambda: record.state != "loading", None)
         task = self._spawn(self._unload(record, reason="requested"))
         if wait:
@@ -675,14 +860,22 @@ class ModelManager:
     async def swap(self, old: str, new: str, mode: str | None = None, precision: str | None = None) -> dict:
         """Replace `old` with `new`: aliases that pointed at `old` move to `new`, and `old` drains.
 
-        When the budget allows both at once, `old` drains while `new` loads, is deleted once
-        `new` is ready, and returns to ready if `new` fails. Otherwise `old` is unloaded
-        first. Returns both records and the swap's timings.
+        `new` loads in `old`'s mode, and at `old`'s precision when `old` named one other than
+        fp32 and neither `new` nor `precision` names one; `mode` and `precision` override.
+        When the memory budget and Ray's free CPUs allow both models at once, `old` drains
+        while `new` loads, is deleted once `new` is ready, and returns to ready, with its
+        aliases, if `new` fails. Otherwise `old` is unloaded first, and aliases moved to a
+        `new` that fails are dropped. A `new` that would not fit even with `old` gone is
+        rejected before anything changes. Returns both records and the swap's timings.
         """
         started = time.perf_counter()
         old_record = self.records.get(old)
         if old_record is None or old_record.state != "ready":
             return await self._not_found(old, old_record)
+        mode = mode or old_record.mode
+        if not precision and _explicit_precision(new) is None:
+            old_precision = _explicit_precision(old_record.spec)
+            precision = old_precision if old_precision != "fp32" else None
         try:
             spec = model_spec_with_precision(new, precision)
         except ValueError as exc:
@@ -692,25 +885,41 @@ class ModelManager:
             return ManagerError(
                 400, "old and new name the same model; unload and load it to restart it", "invalid_swap", "new"
             ).to_dict()
+        if mode not in MODES:
+            return ManagerError(
+                400, f"mode must be one of {', '.join(MODES)}, got {mode!r}", "invalid_mode", "mode"
+            ).to_dict()
 
+        num_cpus = self.settings.worker_num_cpus
+        needed_cpus, free_cpus, total_cpus = await self._cpu_room(mode, num_cpus)
+        old_cpus = len(old_record.app_names) * old_record.worker_num_cpus
+        if needed_cpus > free_cpus + old_cpus + CPU_TOLERANCE:
+            return self._cpu_error(new_id, mode, num_cpus, needed_cpus, free_cpus + old_cpus, total_cpus).to_dict()
         budget = self._budget_view()
-        estimated = self._estimate_bytes(spec, mode or self.settings.mode)
-        sequential = budget["budget_bytes"] is not None and budget["free_bytes"] < estimated
+        estimated = self._estimate_bytes(spec, mode)
+        sequential = (budget["budget_bytes"] is not None and budget["free_bytes"] < estimated) or (
+            needed_cpus > free_cpus + CPU_TOLERANCE
+        )
         saved_aliases = {alias: dict(targets) for alias, targets in self.aliases.items()}
         moved = [alias for alias, targets in self.aliases.items() if old in targets]
         reason = f"swap to {new_id}"
         if sequential:
-            # NOTE: the budget cannot hold both models, so the old one is gone before the new
-            # one loads; if the new one fails, nothing serves the moved aliases.
+            # NOTE: the budget or the free CPUs cannot hold both models, so the old one is gone
+            # before the new one loads; if the new one fails, nothing serves the moved aliases,
+            # and they are dropped (see _run_load).
             await self._unload(old_record, reason=reason)
             self.aliases = saved_aliases
             try:
-                new_record = await self._start_load(new, mode, precision, swap_of=old)
+                # The CPU check above already counted the old model's CPUs as free; Ray's own
+                # count may not show them yet.
+                new_record = await self._start_load(new, mode, precision, swap_of=old, check_cpus=False)
             except ManagerError as exc:
                 self._drop_from_aliases(old)
                 return exc.to_dict()
             self._repoint_aliases(old, new_id)
-            await self._wait_until(lambda: new_record.state in ("ready", "failed"), None)
+            await self._wait_until(lambda: new_record.state in ("ready", "failed", "unloaded"), None)
+            if new_record.state != "ready":
+                self._drop_from_aliases(new_id)
         else:
             # The old model stops taking new requests at once and keeps streaming the running
             # ones while the new model loads. It is deleted only once the new one is ready, and
@@ -723,10 +932,15 @@ class ModelManager:
                 old_record.state = "ready"
                 self.aliases = saved_aliases
                 return exc.to_dict()
-            await self._wait_until(lambda: new_record.state in ("ready", "failed"), None)
-            if new_record.state == "failed":
+            await self._wait_until(lambda: new_record.state in ("ready", "failed", "unloaded"), None)
+            if new_record.state != "ready":
                 logger.warning(
-                    "swap %s -> %s: the new model failed (%s); keeping %s", old, new_id, new_record.error, old
+                    "swap %s -> %s: the new model is %s (%s); keeping %s",
+                    old,
+                    new_id,
+                    new_record.state,
+                    new_record.error,
+                    old,
                 )
                 old_record.state = "ready"
                 self.aliases = saved_aliases
@@ -845,6 +1059,15 @@ class ModelManager:
                     serve.delete(app_name, _blocking=False)
                 except Exception as exc:  # Serve may already be shutting down
                     logger.warning("could not delete Serve application %s: %s", app_name, exc)
+
+
+def _summary(message: str) -> str:
+    """Shorten a Serve status message: the exception line of a traceback, else the message's first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    exception_lines = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    if exception_lines:
+        return exception_lines[-1]
+    return lines[0] if lines else "no message from Serve"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -157,11 +157,37 @@ def _print_load_result(record: dict) -> int:
 
 def run_unload(args: argparse.Namespace) -> int:
     try:
-        record = _request(args, "POST", "/v1/molten/models/unload", {"model": args.model, "wait": True})
+        record = _request(args, "POST", "/v1/molten/models/unload", {"model": args.model, "wait": False})
+        record = _follow_unload(args, record)
     except CommandError as exc:
         return _fail(exc)
     print(f"{record['model_id']} is {record['state']} (drained in {record['drain_seconds'] or 0:.2f} s)")
     return 0
+
+
+def _follow_unload(args: argparse.Namespace, record: dict) -> dict:
+    """Poll the model's record until it is unloaded, printing what the unload waits for when that changes."""
+    started = time.monotonic()
+    deadline = started + args.timeout
+    last = None
+    while record["state"] not in ("unloaded", "failed"):
+        if record["state"] == "draining" and record["in_flight"]:
+            waiting = f"draining: waiting for {record['in_flight']} running request(s) to finish"
+        elif record["state"] == "draining":
+            waiting = "deleting the worker processes"
+        else:
+            waiting = f"{record['state']}: waiting for the unload to start"
+        if waiting != last:
+            print(f"[{time.monotonic() - started:7.1f} s] {waiting}", file=sys.stderr, flush=True)
+            last = waiting
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"{record['model_id']} is still {record['state']} after {args.timeout:.0f} s; "
+                "check `molten models status`"
+            )
+        time.sleep(POLL_INTERVAL_S)
+        record = _request(args, "GET", f"/v1/molten/models/{record['model_id']}")
+    return record
 
 
 def run_swap(args: argparse.Namespace) -> int:
@@ -196,26 +222,33 @@ def run_status(args: argparse.Namespace) -> int:
 
 def format_status(status: dict) -> str:
     """Render the manager's status as a table of models, then aliases and the memory budget."""
-    rows = [("MODEL", "STATE", "MODE", "WEIGHTS", "KV POOL", "OTHER", "TOTAL", "COLD START", "IN FLIGHT")]
+    rows = [("MODEL", "STATE", "MODE", "WORKERS", "WEIGHTS", "KV POOL", "OTHER", "TOTAL", "COLD START", "IN FLIGHT")]
     for record in status["models"]:
         memory = record["memory"]
         cold = f"{record['cold_start_seconds']:.2f} s" if record["cold_start_seconds"] is not None else "-"
         state = record["state"] if record["state"] != "loading" else f"loading ({record['progress_stage']})"
+        total = _mib(memory["total_bytes"])
+        if record["state"] == "loading" and memory.get("estimated"):
+            total += " (est.)"
+        elif record["state"] in ("unloaded", "failed") and memory.get("released_bytes"):
+            total = f"0 ({_mib(memory['released_bytes'])} released)"
         rows.append(
             (
                 record["model_id"],
                 state,
                 record["mode"],
+                str(memory.get("num_workers", 1)),
                 _mib(memory["weight_bytes"]),
                 _mib(memory["kv_pool_bytes"]),
                 _mib(memory["other_bytes"]),
-                _mib(memory["total_bytes"]),
+                total,
                 cold,
                 str(record["in_flight"]),
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.append("Memory columns are summed over each model's WORKERS (processes); (est.) marks an estimate.")
     for record in status["models"]:
         if record["state"] == "failed":
             lines.append(f"{record['model_id']} failed: {record['error']}")
@@ -224,12 +257,14 @@ def format_status(status: dict) -> str:
             f"alias {alias} -> " + ", ".join(f"{model} (weight {weight:g})" for model, weight in targets.items())
         )
     budget = status["memory"]
+    loading = budget.get("loading_estimate_bytes")
+    loading_text = f"; {_mib(loading)} more estimated for models still loading" if loading else ""
     if budget["budget_bytes"] is None:
-        lines.append(f"memory: {_mib(budget['used_bytes'])} used by loaded models, no budget set")
+        lines.append(f"memory: {_mib(budget['used_bytes'])} used by ready models{loading_text}; no budget set")
     else:
         lines.append(
-            f"memory: {_mib(budget['used_bytes'])} used of a {_mib(budget['budget_bytes'])} budget "
-            f"({_mib(budget['free_bytes'])} free)"
+            f"memory: {_mib(budget['used_bytes'])} used by ready models of a {_mib(budget['budget_bytes'])} budget"
+            f"{loading_text} ({_mib(budget['free_bytes'])} free)"
         )
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ MODEL_COLUMNS = (
     "state",
     "mode",
     "progress",
+    "workers",
     "weights MiB",
     "KV pool MiB",
     "other MiB",
@@ -48,12 +49,17 @@ def models_frame(status: Mapping[str, Any]) -> pd.DataFrame:
         progress = record["progress"][-1]["message"] if record["progress"] else ""
         if record["state"] == "failed":
             progress = f"failed: {record['error']}"
+        elif record["state"] == "unloaded" and memory.get("released_bytes"):
+            progress = f"unloaded; released {_mib(memory['released_bytes'])} MiB"
+        elif record["state"] == "loading" and memory.get("estimated"):
+            progress = f"{progress} (total MiB is an estimate)"
         rows.append(
             (
                 record["model_id"],
                 record["state"],
                 record["mode"],
                 progress,
+                memory.get("num_workers", 1),
                 _mib(memory["weight_bytes"]),
                 _mib(memory["kv_pool_bytes"]),
                 _mib(memory["other_bytes"]),
@@ -86,12 +92,16 @@ def memory_markdown(status: Mapping[str, Any]) -> str:
     """Render the budget line, the system view (RSS of Molten's processes, GPU memory) and the aliases."""
     budget = status.get("memory", {})
     used = _mib(budget.get("used_bytes")) or 0
+    loading = budget.get("loading_estimate_bytes")
+    loading_text = f" ({_mib(loading)} MiB more estimated for models still loading)" if loading else ""
     if budget.get("budget_bytes") is None:
-        lines = [f"**Memory:** {used} MiB used by loaded models; no budget set."]
+        lines = [
+            f"**Memory:** {used} MiB used by ready models (summed over their workers){loading_text}; no budget set."
+        ]
     else:
         lines = [
-            f"**Memory:** {used} MiB used of a {_mib(budget['budget_bytes'])} MiB budget "
-            f"({_mib(budget['free_bytes'])} MiB free)."
+            f"**Memory:** {used} MiB used by ready models of a {_mib(budget['budget_bytes'])} MiB budget"
+            f"{loading_text} ({_mib(budget['free_bytes'])} MiB free)."
         ]
     system = status.get("system") or {}
     if system:

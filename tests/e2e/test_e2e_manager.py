@@ -130,6 +130,51 @@ def test_failed_swap_keeps_old_model(client):
     client.delete("/v1/molten/models/aliases/keep")
 
 
+def test_load_short_of_cpus_rejected(client, manager_settings):
+    from molten.deployments.app import manager_handle
+
+    started = time.monotonic()
+    # The per-load CPU share is a manager argument (no HTTP field), so call the manager directly.
+    reply = manager_handle(manager_settings).load.remote(QWEN, mode="disaggregated", worker_num_cpus=500.0)
+    error = reply.result(timeout_s=60)["error"]
+    elapsed = time.monotonic() - started
+    assert error["status"] == 507
+    assert error["code"] == "insufficient_cpu"
+    message = error["message"]
+    assert "need 1000.00 CPU (500 each, worker_num_cpus)" in message
+    assert "CPU are free" in message
+    for fix in ("molten models unload", "--mode colocated", "lower worker_num_cpus"):
+        assert fix in message
+    # Rejected by the check, not by a deploy that waited: the re-check lasts about 2 s.
+    assert elapsed < 15
+    assert QWEN not in {record["model_id"] for record in client.get("/v1/molten/models").json()["models"]}
+
+
+def test_unload_cancels_loading_model(client, manager_settings):
+    from ray import serve
+
+    model = f"{QWEN}:fp32"
+    started = client.post("/v1/molten/models/load", json={"model": QWEN, "precision": "fp32", "mode": "colocated"})
+    assert started.status_code == 202, started.text
+    unload_sent = time.monotonic()
+    reply = client.post("/v1/molten/models/unload", json={"model": model, "wait": False}, timeout=20)
+    assert time.monotonic() - unload_sent < 10
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["state"] in ("draining", "unloaded")
+    # The manager still serves other calls while the cancelled load cleans up.
+    assert client.get("/v1/molten/models", timeout=10).status_code == 200
+
+    deadline = time.monotonic() + 90
+    while record_of(client, model)["state"] != "unloaded" and time.monotonic() < deadline:
+        time.sleep(0.25)
+    record = record_of(client, model)
+    assert record["state"] == "unloaded", record
+    assert "cancelled" in [stage["stage"] for stage in record["progress"]]
+    prefix = f"{manager_settings.app_name}:{model}:"
+    assert [name for name in serve.status().applications if name.startswith(prefix)] == []
+    assert completion(client, model).status_code == 404
+
+
 def test_request_while_loading_gets_503(client):
     response = client.post("/v1/molten/models/load", json={"model": QWEN, "mode": "disaggregated"})
     assert response.status_code == 202, response.text
@@ -299,12 +344,14 @@ def test_swap_under_load_loses_nothing(client, manager_url):
         streams = [pool.submit(stream_completion, manager_url, QWEN, started) for started in first_chunks]
         concurrent.futures.wait(first_chunks, timeout=300)
         assert all(started.done() for started in first_chunks), "not every stream started before the swap"
-        swap = client.post("/v1/molten/models/swap", json={"old": QWEN, "new": LLAMA_FP32, "mode": "colocated"})
+        # No mode given: the new model keeps the old one's (disaggregated), not the server's (colocated).
+        swap = client.post("/v1/molten/models/swap", json={"old": QWEN, "new": LLAMA_FP32})
         results = [stream.result(timeout=600) for stream in streams]
 
     assert swap.status_code == 200, swap.text
     outcome = swap.json()
     assert outcome["new"]["state"] == "ready"
+    assert outcome["new"]["mode"] == "disaggregated"
     assert outcome["old"]["state"] == "unloaded"
     failed = [r for r in results if r["status"] != 200 or r["errors"] or not r["done"]]
     truncated = [r for r in results if r["finish_reason"] != "length"]

@@ -83,8 +83,42 @@ def test_record_sums_worker_ledgers():
     assert record.total_bytes == 123
     record.workers = [ledger(10, 20, 100), ledger(10, 20, 150)]
     data = record.to_dict()
-    assert data["memory"] == {"weight_bytes": 20, "kv_pool_bytes": 40, "other_bytes": 190, "total_bytes": 250}
+    assert data["memory"] == {
+        "weight_bytes": 20,
+        "kv_pool_bytes": 40,
+        "other_bytes": 190,
+        "total_bytes": 250,
+        "num_workers": 2,
+        "estimated": False,
+        "released_bytes": 0,
+    }
     assert data["state"] == "loading"
+
+
+def test_unloaded_record_shows_memory_released():
+    record = ModelRecord(model_id="m", spec="m", mode="disaggregated", state="unloaded")
+    record.workers = [ledger(10, 20, 100), ledger(10, 20, 150)]
+    memory = record.to_dict()["memory"]
+    assert memory["total_bytes"] == 0
+    assert memory["weight_bytes"] == 0
+    assert memory["released_bytes"] == 250
+
+
+def test_budget_counts_only_loaded_models():
+    from molten.deployments.manager import ModelManager
+    from molten.deployments.settings import ManagerSettings, ServeSettings
+
+    manager = ModelManager.func_or_class(ServeSettings(manager=ManagerSettings(memory_budget_mib=100)))
+    ready = ModelRecord(model_id="a", spec="a", mode="colocated", state="ready")
+    ready.workers = [ledger(2**20, 2**20, 10 * 2**20)]
+    loading = ModelRecord(model_id="b", spec="b", mode="colocated", estimated_bytes=30 * 2**20)
+    gone = ModelRecord(model_id="c", spec="c", mode="colocated", state="unloaded")
+    gone.workers = [ledger(2**20, 2**20, 50 * 2**20)]
+    manager.records = {record.model_id: record for record in (ready, loading, gone)}
+    view = manager._budget_view()
+    assert view["used_bytes"] == 10 * 2**20
+    assert view["loading_estimate_bytes"] == 30 * 2**20
+    assert view["free_bytes"] == 60 * 2**20
 
 
 def sample_status() -> dict:
@@ -127,7 +161,8 @@ def test_cli_status_shows_ledger():
         assert cell in lines[1]
     assert "bad failed: no such model" in text
     assert "alias chat -> m (weight 1)" in text
-    assert "10.0 MiB used of a 64.0 MiB budget (54.0 MiB free)" in text
+    assert "10.0 MiB used by ready models of a 64.0 MiB budget (54.0 MiB free)" in text
+    assert "WORKERS" in lines[0]
 
 
 def test_models_tab_frames_show_ledger():
