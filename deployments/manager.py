@@ -751,7 +751,7 @@ class ModelManager:
                     )
             text = ", ".join(f"{role} {state.lower().replace('_', ' ')}" for role, (state, _) in roles.items())
             if waited > timeout:
-                raise TimeoutError(f"the workers were not running after {timeout:.0f} s (load_timeout_s): {text}")
+                raise TimeoutError(f"the workers were not running after {timeout:g} s (load_timeout_s): {text}")
             if text != last_message or waited - last_noted >= DEPLOY_PROGRESS_REPEAT_S:
                 note("deploy", f"starting worker processes and loading weights: {text} ({waited:.0f} s)")
                 last_message, last_noted = text, waited
