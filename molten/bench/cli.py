@@ -88,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--note", default=None, help="a paragraph to print on the page, such as the machine's load")
     parser.add_argument("--profile", action="store_true",
                         help="also profile Molten's decode step (cProfile phases and torch operators)")
+    parser.add_argument("--save-results", type=Path, default=None,
+                        help="also pickle the raw results to this file, so --render-from can rewrite the page")
+    parser.add_argument("--render-from", type=Path, default=None,
+                        help="measure nothing: rewrite the page from a file written by --save-results, with this "
+                             "version's report code (the page keeps the original run's command)")
 
 
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -97,9 +102,18 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """
     from molten.bench.context import BenchOptions, Skipped
     from molten.bench.report import render_console, write_report
-    from molten.bench.runner import run_bench
+    from molten.bench.runner import render_saved, run_bench
 
     from molten.bench.hardware import default_dtypes
+
+    if args.render_from is not None:
+        if not args.render_from.is_file():
+            print(f"molten bench: error: --render-from {args.render_from}: no such file", file=sys.stderr)
+            return 2
+        report, context = render_saved(args.render_from)
+        written = write_report(report, context.options.output, context.options.plot_dir)
+        print("wrote " + ", ".join(str(path) for path in written))
+        return 0
 
     command_args = sys.argv[1:] if argv is None else argv
     dtypes, dtype_note = (args.dtypes, None) if args.dtypes else default_dtypes()
@@ -120,6 +134,7 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         run_time_limit_s=args.run_timeout,
         note=args.note,
         profile=args.profile,
+        save_results=args.save_results,
         command="molten " + shlex.join(command_args),
     )
     try:

@@ -58,6 +58,8 @@ class BenchOptions:
     run_time_limit_s: float = 3600.0
     note: str | None = None
     profile: bool = False
+    save_results: Path | None = None
+    """File to pickle the raw results to, so `--render-from` can render the page again."""
     command: str = "molten bench"
 
     def validate(self) -> None:

@@ -30,6 +30,12 @@ PHASES = (
 )
 """(label, source file name, function name) of the engine functions whose cumulative time is reported."""
 
+MATMUL_OPERATORS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+    "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+})
+"""Torch operators that do the matrix products of the linear layers (their self time is the kernel)."""
+
 
 @dataclass(frozen=True)
 class DecodeProfile:
@@ -41,6 +47,19 @@ class DecodeProfile:
     """(label, ms per step) from cProfile's cumulative times."""
     operators: list[tuple[str, float, float]]
     """(torch operator, self CPU ms per step, share of all operator self time)."""
+    profiled_step_ms: float = 0.0
+    """Mean wall time of one step under torch.profiler."""
+    operator_ms: float = 0.0
+    """Self CPU time of all torch operators per step under torch.profiler."""
+    matmul_ms: float = 0.0
+    """Self CPU time of the matrix-product operators (MATMUL_OPERATORS) per step."""
+    operator_calls: float = 0.0
+    """Torch operator calls per step."""
+
+    @property
+    def outside_operators_ms(self) -> float:
+        """Wall time per profiled step spent outside torch operators: Python, scheduling, bookkeeping."""
+        return max(self.profiled_step_ms - self.operator_ms, 0.0)
 
 
 def key(batch_size: int) -> str:
@@ -98,8 +117,10 @@ def profile_decode(context: BenchContext, batch_size: int) -> DecodeProfile:
         profiler.disable()
 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as torch_profile:
+            started = time.perf_counter()
             for _ in range(NUM_PROFILED_STEPS):
                 engine.step()
+            profiled_step_ms = (time.perf_counter() - started) * 1000 / NUM_PROFILED_STEPS
     finally:
         for index in range(batch_size):
             engine.abort_request(f"profile-{index}")
@@ -109,6 +130,8 @@ def profile_decode(context: BenchContext, batch_size: int) -> DecodeProfile:
         step_ms=step_ms,
         phases=_phase_times(pstats.Stats(profiler), NUM_PROFILED_STEPS),
         operators=_top_operators(torch_profile, NUM_PROFILED_STEPS),
+        profiled_step_ms=profiled_step_ms,
+        **_operator_totals(torch_profile, NUM_PROFILED_STEPS),
     )
 
 
@@ -131,6 +154,28 @@ def _top_operators(torch_profile, num_steps: int) -> list[tuple[str, float, floa
     ]
 
 
+def _operator_totals(torch_profile, num_steps: int) -> dict[str, float]:
+    averages = torch_profile.key_averages()
+    return {
+        "operator_ms": sum(event.self_cpu_time_total for event in averages) / 1000 / num_steps,
+        "matmul_ms": sum(event.self_cpu_time_total for event in averages if event.key in MATMUL_OPERATORS)
+        / 1000 / num_steps,
+        "operator_calls": sum(event.count for event in averages) / num_steps,
+    }
+
+
+def _operator_rows(profile: DecodeProfile) -> list[list[str]]:
+    if profile.profiled_step_ms <= 0:
+        return []
+    return [
+        ["step under torch.profiler", format_number(profile.profiled_step_ms, 2)],
+        ["all torch operators (self CPU)", format_number(profile.operator_ms, 2)],
+        ["matrix products (mm, addmm, bmm, int8 and int4 kernels)", format_number(profile.matmul_ms, 2)],
+        ["outside torch operators (Python, bookkeeping)", format_number(profile.outside_operators_ms, 2)],
+        ["torch operator calls per step (count)", format_number(profile.operator_calls, 0)],
+    ]
+
+
 def section(context: BenchContext) -> Section | None:
     profiles = [context.results.get(key(b)) for b in sorted({1, context.sizes.static_batch_size})]
     profiles = [p for p in profiles if isinstance(p, DecodeProfile)]
@@ -141,14 +186,16 @@ def section(context: BenchContext) -> Section | None:
         paragraphs=[
             f"Molten engine, {context.first_dtype}, {NUM_PROFILED_STEPS} decode steps per profiler after every request "
             "had its first token. Phase times are cProfile cumulative times (nested phases overlap, and "
-            "profiling slows each step); operator times are torch.profiler self CPU times.",
+            "profiling slows each step); operator times are torch.profiler self CPU times, and the rows below "
+            "the phases compare them with the step's wall time under torch.profiler.",
         ],
     )
     for profile in profiles:
         section.tables.append(Table(
             ["phase", "ms per step"],
             [["step, unprofiled", format_number(profile.step_ms, 2)]]
-            + [[label, format_number(ms, 2)] for label, ms in profile.phases],
+            + [[label, format_number(ms, 2)] for label, ms in profile.phases]
+            + _operator_rows(profile),
             title=f"Batch {profile.batch_size}: engine phases",
         ))
         section.tables.append(Table(

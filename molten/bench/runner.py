@@ -10,13 +10,16 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import torch
 
-from molten.bench import concurrent, disagg, long_context, profile, shared_prefix, single
+from molten.bench import bounds, concurrent, disagg, kernels, long_context, profile, shared_prefix, single
 from molten.bench.context import (
     CEILINGS_KEY,
     BenchContext,
@@ -62,6 +65,7 @@ def plan_measurements(context: BenchContext) -> list[Measurement]:
     planned = [
         Measurement(CEILINGS_KEY, Stage.MACHINE, "machine: copy bandwidth and matmul rate", _measure_ceilings)
     ]
+    planned += kernels.plan(context)
     for name in context.options.workloads:
         planned += WORKLOAD_MODULES[name].plan(context)
     planned += profile.plan(context)
@@ -181,7 +185,12 @@ def build_report(context: BenchContext, date: str, load_averages: tuple[float, f
         f"{options.num_threads} torch threads, greedy decoding, EOS ignored so every system generates the same "
         "number of tokens."
     )
-    sections = [targets_section(evaluate_targets(context)), ceilings_section(context)]
+    targets = evaluate_targets(context)
+    sections = [
+        targets_section(targets),
+        bounds.bounds_section(targets, bounds.inputs_from_context(context)),
+        ceilings_section(context),
+    ]
     sections += [WORKLOAD_MODULES[name].section(context) for name in options.workloads]
     profile_section = profile.section(context)
     if profile_section is not None:
@@ -204,6 +213,43 @@ def run_bench(options: BenchOptions, stream: TextIO = sys.stderr) -> tuple[Bench
         measurements = plan_measurements(context)
         progress.line(f"{len(measurements)} measurements planned")
         run_measurements(context, measurements, progress)
-        return build_report(context, date, (load_at_start, os.getloadavg()[0])), context
+        load_averages = (load_at_start, os.getloadavg()[0])
+        if options.save_results is not None:
+            save_results(context, date, load_averages, options.save_results)
+        return build_report(context, date, load_averages), context
     finally:
         context.close()
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What `build_report` needs to render a finished run's page again with newer report code."""
+
+    options: BenchOptions
+    results: dict
+    log: list[LogEntry]
+    date: str
+    load_averages: tuple[float, float]
+
+
+def save_results(context: BenchContext, date: str, load_averages: tuple[float, float], path: Path) -> None:
+    """Pickle the run's options, results and log to `path`; a failure is logged, never raised."""
+    saved = SavedRun(context.options, dict(context.results), list(context.log), date, load_averages)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(saved))
+    except Exception:
+        logger.exception("saving the raw results to %s failed", path)
+
+
+def render_saved(path: Path) -> tuple[BenchReport, BenchContext]:
+    """Rebuild the report of a run saved by `save_results` (a file this tool wrote; pickle runs code)."""
+    saved = pickle.loads(path.read_bytes())
+    if not isinstance(saved, SavedRun):
+        raise ValueError(f"{path} does not hold a saved molten bench run; pass a file written by --save-results")
+    context = BenchContext(saved.options)
+    context.results.update(saved.results)
+    context.log.extend(saved.log)
+    report = build_report(context, saved.date, saved.load_averages)
+    report.notes.insert(0, f"Rendered again from this run's saved results (`--render-from {path.name}`).")
+    return report, context

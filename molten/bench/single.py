@@ -182,7 +182,7 @@ def section(context: BenchContext) -> Section:
         if isinstance(result, Skipped):
             rows.append([result_key.split("/")[1], "-", "skipped: " + result.reason, "", "", "", ""])
             continue
-        weight_bytes = _weight_bytes(context, result_key, result)
+        weight_bytes = weight_bytes_of(context, result_key, result)
         ceiling = _decode_ceiling(context, weight_bytes)
         fraction = result.decode_tokens_per_s / ceiling if ceiling and result.decode_tokens_per_s else None
         rows.append([
@@ -213,7 +213,8 @@ def section(context: BenchContext) -> Section:
     )
 
 
-def _weight_bytes(context: BenchContext, result_key: str, result: RunMetrics) -> int | None:
+def weight_bytes_of(context: BenchContext, result_key: str, result: RunMetrics) -> int | None:
+    """Bytes of weights one decode step of this result's system reads: the GGUF file size for llama.cpp."""
     if result_key != LLAMACPP_KEY:
         return context.facts(result.dtype).weight_bytes
     from molten.bench.peer_llamacpp import LlamaCppUnavailableError, gguf_path_for

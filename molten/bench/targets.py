@@ -15,6 +15,15 @@ from molten.bench.metrics import RunMetrics
 from molten.bench.report import Section, Table
 
 
+TARGET_LLAMACPP = "single/llamacpp"
+TARGET_TRANSFORMERS = "single/transformers"
+TARGET_STATIC_BATCH = "concurrent/static-batch"
+TARGET_MATMUL_CEILING = "concurrent/matmul-ceiling"
+TARGET_HTTP = "http"
+TARGET_SHARED_PREFIX = "shared-prefix"
+TARGET_INTERFERENCE = "interference"
+
+
 @dataclass(frozen=True)
 class TargetResult:
     name: str
@@ -24,6 +33,8 @@ class TargetResult:
     """None when a side of the ratio was not measured."""
     detail: str
     """Description of the numerator and denominator, or the reason the ratio was not measured."""
+    kind: str = ""
+    """Which target this is, one of the TARGET_* names; `molten.bench.bounds` explains a miss by it."""
 
     @property
     def met(self) -> bool | None:
@@ -53,10 +64,12 @@ def _value(result, attribute: str) -> float | None:
     return getattr(result, attribute)
 
 
-def _ratio(name: str, bound: float, at_least: bool, numerator, denominator, detail: str, missing: str) -> TargetResult:
+def _ratio(
+    name: str, bound: float, at_least: bool, numerator, denominator, detail: str, missing: str, kind: str
+) -> TargetResult:
     if numerator is None or not denominator:
-        return TargetResult(name, bound, at_least, None, missing)
-    return TargetResult(name, bound, at_least, numerator / denominator, detail)
+        return TargetResult(name, bound, at_least, None, missing, kind)
+    return TargetResult(name, bound, at_least, numerator / denominator, detail, kind)
 
 
 def _why_missing(context: BenchContext, *keys: str) -> str:
@@ -80,13 +93,13 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
         "single stream: Molten fastest precision / llama.cpp (same GGUF), decode tokens/s", 1.0, True,
         _value(fastest, "decode_tokens_per_s"), _value(results.get(single.LLAMACPP_KEY), "decode_tokens_per_s"),
         f"Molten {fastest.dtype if fastest else '?'} against llama.cpp",
-        _why_missing(context, single.key("engine", first), single.LLAMACPP_KEY),
+        _why_missing(context, single.key("engine", first), single.LLAMACPP_KEY), TARGET_LLAMACPP,
     ))
     engine_key, peer_key = single.key("engine", "float32"), single.key("transformers", "float32")
     targets.append(_ratio(
         "single stream: Molten float32 / transformers float32 generate(), decode tokens/s", 1.5, True,
         _value(results.get(engine_key), "decode_tokens_per_s"), _value(results.get(peer_key), "decode_tokens_per_s"),
-        "engine door", _why_missing(context, engine_key, peer_key),
+        "engine door", _why_missing(context, engine_key, peer_key), TARGET_TRANSFORMERS,
     ))
 
     batch = context.sizes.static_batch_size
@@ -98,6 +111,7 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
             _value(results.get(engine_key), "output_tokens_per_s"),
             _value(results.get(peer_key), "output_tokens_per_s"),
             "engine door, requests arriving together", _why_missing(context, engine_key, peer_key),
+            TARGET_STATIC_BATCH,
         ))
         ceilings = context.ceilings()
         if ceilings is not None and dtype in ceilings.matmul_timed_out:
@@ -106,13 +120,14 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
             targets.append(TargetResult(
                 f"concurrent: Molten {dtype} output tokens/s / matmul-rate ceiling", 0.5, True, None,
                 f"matmul rate not measured: one {dtype} product did not finish within "
-                f"{ceilings.matmul_timeout_s:g} s (the machine was too busy)",
+                f"{ceilings.matmul_timeout_s:g} s (the machine was too busy)", TARGET_MATMUL_CEILING,
             ))
             continue
         targets.append(_ratio(
             f"concurrent: Molten {dtype} output tokens/s / matmul-rate ceiling", 0.5, True,
             _value(results.get(engine_key), "output_tokens_per_s"), concurrent.flop_ceiling(context, dtype),
             "ceiling = matmul GFLOP/s / (2 x parameters)", _why_missing(context, engine_key, CEILINGS_KEY),
+            TARGET_MATMUL_CEILING,
         ))
 
     engine_key = concurrent.run_key("together", "engine", first)
@@ -120,7 +135,7 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
     targets.append(_ratio(
         "HTTP streaming / engine called directly, output tokens/s", 0.9, True,
         _value(results.get(http_key), "output_tokens_per_s"), _value(results.get(engine_key), "output_tokens_per_s"),
-        f"concurrent workload, {first}", _why_missing(context, http_key, engine_key),
+        f"concurrent workload, {first}", _why_missing(context, http_key, engine_key), TARGET_HTTP,
     ))
 
     on, off = results.get(shared_prefix.key(True)), results.get(shared_prefix.key(False))
@@ -129,6 +144,7 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
         on.ttft.mean_ms if isinstance(on, RunMetrics) and on.ttft else None,
         off.ttft.mean_ms if isinstance(off, RunMetrics) and off.ttft else None,
         "engine door", _why_missing(context, shared_prefix.key(True), shared_prefix.key(False)),
+        TARGET_SHARED_PREFIX,
     ))
 
     interference = long_context.chosen_interference(context)
@@ -138,6 +154,7 @@ def evaluate_targets(context: BenchContext) -> list[TargetResult]:
         "long prompts during decode, chunked prefill on: ITL p99 / ITL p50", 3.0, False,
         itl.p99_ms if itl else None, itl.p50_ms if itl else None,
         f"{budget}decoding streams only", _why_missing(context, *long_context.chunked_interference_keys(context)),
+        TARGET_INTERFERENCE,
     ))
     return targets
 
