@@ -110,6 +110,9 @@ def test_parallel_sampling_sharing_saves_blocks(tmp_path):
     # holding the last prompt token, so each extra completion adds 2 blocks (that copy
     # and one block of output).
     assert forked == [unshared[0] + 2 * (n - 1) for n in ns]
+    ratios = column(record, "peak KV ratio, forked / no prefix cache")
+    assert ratios == [round(shared / alone, 3) for shared, alone in zip(forked, unshared)]
+    assert record.summary["kv_ratio_forked_vs_independent_n4"] == ratios[-1]
 
 
 def test_quantization_records_comparison(tmp_path):
