@@ -108,7 +108,8 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
     if args.render_from is not None:
         if not args.render_from.is_file():
-            print(f"molten bench: error: --render-from {args.render_from}: no such file", file=sys.stderr)
+            print(f"molten bench: error: --render-from {args.render_from}: file not found; pass a file written by "
+                  "--save-results", file=sys.stderr)
             return 2
         report, context = render_saved(args.render_from)
         written = write_report(report, context.options.output, context.options.plot_dir)

@@ -223,7 +223,7 @@ def run_bench(options: BenchOptions, stream: TextIO = sys.stderr) -> tuple[Bench
 
 @dataclass(frozen=True)
 class SavedRun:
-    """What `build_report` needs to render a finished run's page again with newer report code."""
+    """Everything `build_report` needs to render a finished run's page again with newer report code."""
 
     options: BenchOptions
     results: dict
@@ -233,7 +233,7 @@ class SavedRun:
 
 
 def save_results(context: BenchContext, date: str, load_averages: tuple[float, float], path: Path) -> None:
-    """Pickle the run's options, results and log to `path`; a failure is logged, never raised."""
+    """Pickle the run's options, results and log to `path`, logging a failure instead of raising it."""
     saved = SavedRun(context.options, dict(context.results), list(context.log), date, load_averages)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def render_saved(path: Path) -> tuple[BenchReport, BenchContext]:
     """Rebuild the report of a run saved by `save_results` (a file this tool wrote; pickle runs code)."""
     saved = pickle.loads(path.read_bytes())
     if not isinstance(saved, SavedRun):
-        raise ValueError(f"{path} does not hold a saved molten bench run; pass a file written by --save-results")
+        raise ValueError(f"{path} is not a saved molten bench run; pass a file written by --save-results")
     context = BenchContext(saved.options)
     context.results.update(saved.results)
     context.log.extend(saved.log)

@@ -214,7 +214,7 @@ def section(context: BenchContext) -> Section:
 
 
 def weight_bytes_of(context: BenchContext, result_key: str, result: RunMetrics) -> int | None:
-    """Bytes of weights one decode step of this result's system reads: the GGUF file size for llama.cpp."""
+    """Return the bytes of weights one decode step of this result's system reads (the GGUF file size for llama.cpp)."""
     if result_key != LLAMACPP_KEY:
         return context.facts(result.dtype).weight_bytes
     from molten.bench.peer_llamacpp import LlamaCppUnavailableError, gguf_path_for

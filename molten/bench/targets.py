@@ -34,7 +34,7 @@ class TargetResult:
     detail: str
     """Description of the numerator and denominator, or the reason the ratio was not measured."""
     kind: str = ""
-    """Which target this is, one of the TARGET_* names; `molten.bench.bounds` explains a miss by it."""
+    """Target identifier, one of the TARGET_* names, by which `molten.bench.bounds` explains a miss."""
 
     @property
     def met(self) -> bool | None:

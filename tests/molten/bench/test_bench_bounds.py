@@ -216,7 +216,7 @@ def test_saved_run_renders_again(tmp_path: Path):
 def test_render_from_rejects_other_files(tmp_path: Path, capsys):
     args = build_parser().parse_args(["bench", "--render-from", str(tmp_path / "missing.pickle")])
     assert bench_main(args, []) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "file not found" in capsys.readouterr().err
     other = tmp_path / "other.pickle"
     other.write_bytes(pickle.dumps({"not": "a run"}))
     with pytest.raises(ValueError, match="--save-results"):
