@@ -99,10 +99,11 @@ def memory_markdown(status: Mapping[str, Any]) -> str:
             f"**Memory:** {used} MiB used by ready models (summed over their workers){loading_text}; no budget set."
         ]
     else:
-        lines = [
+        budget_text = (
             f"**Memory:** {used} MiB used by ready models of a {_mib(budget['budget_bytes'])} MiB budget"
             f"{loading_text} ({_mib(budget['free_bytes'])} MiB free)."
-        ]
+        )
+        lines = [budget_text]
     system = status.get("system") or {}
     if system:
         lines.append(

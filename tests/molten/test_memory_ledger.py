@@ -112,9 +112,9 @@ def test_budget_counts_only_loaded_models():
     ready = ModelRecord(model_id="a", spec="a", mode="colocated", state="ready")
     ready.workers = [ledger(2**20, 2**20, 10 * 2**20)]
     loading = ModelRecord(model_id="b", spec="b", mode="colocated", estimated_bytes=30 * 2**20)
-    gone = ModelRecord(model_id="c", spec="c", mode="colocated", state="unloaded")
-    gone.workers = [ledger(2**20, 2**20, 50 * 2**20)]
-    manager.records = {record.model_id: record for record in (ready, loading, gone)}
+    unloaded = ModelRecord(model_id="c", spec="c", mode="colocated", state="unloaded")
+    unloaded.workers = [ledger(2**20, 2**20, 50 * 2**20)]
+    manager.records = {record.model_id: record for record in (ready, loading, unloaded)}
     view = manager._budget_view()
     assert view["used_bytes"] == 10 * 2**20
     assert view["loading_estimate_bytes"] == 30 * 2**20
@@ -204,3 +204,29 @@ def test_compare_view_collects_timings():
     frame = view.timings_frame()
     assert frame.iloc[0]["TTFT ms"] == 5.0
     assert frame.iloc[1]["finish"] == "error"
+
+
+def test_cli_unload_prints_progress(monkeypatch, capsys):
+    import argparse
+
+    from molten import cli_models
+
+    def record(state: str, in_flight: int) -> dict:
+        return {"model_id": "m", "state": state, "in_flight": in_flight, "drain_seconds": 0.5}
+
+    replies = iter([record("draining", 2), record("draining", 0), record("unloaded", 0)])
+    requests = []
+
+    def fake_request(args, method, path, body=None):
+        requests.append((method, path, body))
+        return next(replies)
+
+    monkeypatch.setattr(cli_models, "_request", fake_request)
+    monkeypatch.setattr(cli_models, "POLL_INTERVAL_S", 0.0)
+    args = argparse.Namespace(model="m", url="http://127.0.0.1:1", timeout=10.0)
+    assert cli_models.run_unload(args) == 0
+    assert requests[0] == ("POST", "/v1/molten/models/unload", {"model": "m", "wait": False})
+    captured = capsys.readouterr()
+    assert "waiting for 2 running request(s) to finish" in captured.err
+    assert "deleting the worker processes" in captured.err
+    assert "m is unloaded (drained in 0.50 s)" in captured.out
