@@ -22,8 +22,7 @@ from molten.ui.live_views import (
     poll_live_state,
     render_live_outputs,
 )
-from molten.ui.telemetry_view import series_frame
-from molten.ui.trace_view import STEP_TABLE_COLUMNS, trace_frame
+from molten.ui.trace_view import STEP_TABLE_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +31,10 @@ LIVE_CONCURRENCY_LIMIT = 8
 
 
 def _series_plot(title: str, y_title: str, elem_id: str, visible: bool = True, caption: str | None = None) -> gr.LinePlot:
+    # Start without data (None), not with an empty frame: Gradio 6.31 then draws the timer's later
+    # frames without colors or legend (checked in Chromium), so the lines stay invisible.
     return gr.LinePlot(
-        series_frame([]),
+        None,
         x="time",
         y="value",
         color="series",
@@ -92,7 +93,7 @@ class LivePanel:
         with gr.Row():
             with gr.Column():
                 self.trace = gr.BarPlot(
-                    trace_frame({}),
+                    None,
                     x="time",
                     y="tokens",
                     color="part",

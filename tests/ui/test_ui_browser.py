@@ -71,6 +71,11 @@ LINE_PATHS_JS = """
 (selector) => Array.from(document.querySelectorAll(selector + " g.mark-line path")).map((path) => path.getAttribute("d"))
 """
 
+SVG_TEXTS_JS = """
+(selector) => Array.from(document.querySelectorAll(selector + " svg text")).map((text) => text.textContent)
+"""
+"""Read every text of a plot's SVG: titles, axis labels and legend entries."""
+
 
 def find_chromium() -> str:
     """Return the Chromium executable to drive, or fail with the setup command that installs it."""
@@ -191,6 +196,15 @@ def test_browser_streams_reply_and_telemetry(page, playground_url):
         )
         assert samples_after > samples_before
         assert any(path for path in lines_after), "the utilization plot draws at least one line"
+
+        process_lines = wait_until(
+            lambda: [path for path in page.evaluate(LINE_PATHS_JS, "#molten-telemetry-process-memory") if path],
+            LIVE_VIEW_TIMEOUT_S, "the per-process memory plot to draw its lines",
+        )
+        assert len(process_lines) >= 2, "one line per Molten process (ingress, workers, telemetry)"
+        page.locator("#molten-telemetry-process-memory").screenshot(path=str(ARTIFACT_DIR / "process-memory.png"))
+        labels = page.evaluate(SVG_TEXTS_JS, "#molten-telemetry-process-memory")
+        assert "decode:tiny-random-llama" in labels, f"the legend names each worker as role:model, saw {labels}"
     finally:
         page.screenshot(path=str(SCREENSHOT_PATH), full_page=True)
     assert SCREENSHOT_PATH.stat().st_size > 10_000, "the screenshot shows the page"

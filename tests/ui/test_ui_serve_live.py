@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from matplotlib.figure import Figure
@@ -47,7 +48,28 @@ def test_kv_view_sees_running_sequence(serve_app):
     assert running, f"the decode worker should list {request_id} while it generates"
     assert len(running[0]["block_table"]) >= 1
     assert decode["num_free_blocks"] < decode["num_blocks"]
-    assert request_id in render_live_outputs(state).kv_html
+    html = render_live_outputs(state).kv_html
+    assert request_id in html
+    in_use = re.search(r"decode worker</b>: (\d+) of \d+ blocks in use", html)
+    assert in_use is not None, "the KV view summarizes the decode worker's pool"
+    assert int(in_use.group(1)) >= 1, "mid-reply, the rendered map shows the decode worker's blocks in use"
+
+
+def test_kv_view_keeps_cached_prefix_after_reply(serve_app):
+    _, handle = serve_app
+
+    async def reply_then_poll() -> LiveState:
+        prompt = "Explain, in a few words, what a paged KV cache stores for every token of a prompt."
+        async for _ in chat_turn(handle, prompt, [], ChatParams(max_tokens=4, temperature=0.0), model=MODEL):
+            pass
+        return await poll_live_state(handle, LiveState())
+
+    state = asyncio.run(reply_then_poll())
+    assert "kv" not in state.errors, state.errors
+    decode = next(worker for worker in state.kv["workers"] if worker["role"] == "decode")
+    assert decode["num_cached_free_blocks"] >= 1, "the finished reply's full blocks stay as cached prefix KV"
+    html = render_live_outputs(state).kv_html
+    assert "free, still holds cached prefix KV" in html, "the legend names the cached blocks"
 
 
 def test_poll_reads_telemetry_and_steps(serve_app):
@@ -76,6 +98,7 @@ def test_poll_reads_telemetry_and_steps(serve_app):
 
     outputs = render_live_outputs(state, force_roofline=True)
     assert len(outputs.utilization) > 0
-    assert len(outputs.memory) > 0
+    assert len(outputs.system_memory) > 0
+    assert "decode:tiny-random-llama" in set(outputs.process_memory["series"]), "worker RSS lines are named role:model"
     assert len(outputs.trace) > 0
     assert isinstance(outputs.roofline, Figure)
