@@ -527,7 +527,9 @@ class ModelManager:
         fixes = ["unload a model (`molten models unload MODEL`)"]
         if mode != "colocated":
             fixes.append("load it with --mode colocated (one worker)")
-        fixes.append("restart `molten serve` with a lower worker_num_cpus (Ray CPU share per worker)")
+        fixes.append(
+            "start the server with a lower worker_num_cpus (ServeSettings.worker_num_cpus, Ray CPUs per worker)"
+        )
         return ManagerError(
             507,
             f"not enough free Ray CPUs to load {model_id!r} in {mode} mode: its {num_workers} worker(s) need "
