@@ -55,7 +55,7 @@ def test_kv_view_sees_running_sequence(serve_app):
     assert int(in_use.group(1)) >= 1, "mid-reply, the rendered map shows the decode worker's blocks in use"
 
 
-def test_kv_view_keeps_cached_prefix_after_reply(serve_app):
+def test_kv_cached_prefix_after_reply(serve_app):
     _, handle = serve_app
 
     async def reply_then_poll() -> LiveState:
