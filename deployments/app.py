@@ -90,11 +90,19 @@ def run_app(settings: ServeSettings, load_model: bool = True) -> None:
     start_serve(settings)
     serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix)
     if load_model:
-        record = manager_handle(settings).load.remote(settings.model, mode=settings.mode, wait=True).result()
-        if isinstance(record.get("error"), dict):
-            raise ModelLoadFailed(record["error"]["message"])
-        if record["state"] != "ready":
-            raise ModelLoadFailed(f"model {record['model_id']} failed to load: {record['error']}")
+        load_default_model(settings)
+
+
+def load_default_model(settings: ServeSettings) -> None:
+    """Load settings.model through the running application's manager and wait until it is ready.
+
+    Raises ModelLoadFailed when the manager could not load the model.
+    """
+    record = manager_handle(settings).load.remote(settings.model, mode=settings.mode, wait=True).result()
+    if isinstance(record.get("error"), dict):
+        raise ModelLoadFailed(record["error"]["message"])
+    if record["state"] != "ready":
+        raise ModelLoadFailed(f"model {record['model_id']} failed to load: {record['error']}")
 
 
 def ingress_handle(settings: ServeSettings):

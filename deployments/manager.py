@@ -528,7 +528,7 @@ class ModelManager:
         if mode != "colocated":
             fixes.append("load it with --mode colocated (one worker)")
         fixes.append(
-            "start the server with a lower worker_num_cpus (ServeSettings.worker_num_cpus, Ray CPUs per worker)"
+            "start the server with a lower `molten serve --worker-cpus` (Ray CPUs per worker)"
         )
         return ManagerError(
             507,
@@ -749,7 +749,7 @@ class ModelManager:
                 if UNSCHEDULED_MARKER in message:
                     raise RuntimeError(
                         f"Ray could not place the {role} worker after {waited:.0f} s: {_summary(message)} "
-                        "Unload a model, load this one with --mode colocated, or lower worker_num_cpus"
+                        "Unload a model, load this one with --mode colocated, or restart with a lower `molten serve --worker-cpus`"
                     )
             text = ", ".join(f"{role} {state.lower().replace('_', ' ')}" for role, (state, _) in roles.items())
             if waited > timeout:

@@ -111,6 +111,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "half of them each for the prefill and decode workers)",
     )
     parser.add_argument(
+        "--worker-cpus",
+        type=float,
+        default=defaults.worker_num_cpus,
+        help="Ray logical CPUs reserved per engine worker; lower it to load more models at once "
+        "(Ray uses it only to place actors, torch threads set the speed; default: %(default)s)",
+    )
+    parser.add_argument(
         "--kv-cache-mib",
         type=int,
         default=defaults.cache.kv_cache_memory_mib,

@@ -82,6 +82,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         ui_port=args.ui_port,
         address=args.address,
         worker_num_threads=args.threads,
+        worker_num_cpus=args.worker_cpus,
         max_model_len=args.max_model_len,
         cache=cache,
         manager=manager,
@@ -172,16 +173,16 @@ def start_ray(settings: ServeSettings) -> None:
 
 def deploy(settings: ServeSettings) -> None:
     """Start Serve and deploy the application. Returns when every replica has loaded the model."""
-    from molten.deployments.app import run_app
+    from molten.deployments.app import load_default_model, run_app
 
     workers = "one co-located worker" if settings.mode == "colocated" else "a prefill and a decode worker"
-    show(
-        f"Deploying the HTTP ingress on {settings.host}:{settings.http_port} and the model manager, which loads "
-        f"{settings.model} into {workers} with {settings.num_threads} torch thread(s) per worker"
-    )
+    show(f"Deploying the HTTP ingress on {settings.host}:{settings.http_port} and the model manager")
     try:
-        with report_while_running("Deploying the Serve application"):
-            run_app(settings)
+        with report_while_running("Deploying the ingress and the model manager"):
+            run_app(settings, load_model=False)
+        show(f"Loading {settings.model} into {workers} with {settings.num_threads} torch thread(s) per worker")
+        with report_while_running(f"Starting the worker processes and loading {settings.model}"):
+            load_default_model(settings)
     except Exception as exc:
         logger.debug("deploying the Serve application failed", exc_info=True)
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -255,6 +255,8 @@ class BlockManager:
             "num_blocks": self.num_blocks,
             "num_free_blocks": self.num_free_blocks,
             "num_cached_free_blocks": self.num_cached_free_blocks,
+            # Free blocks that still hold a prefix-cache entry: reusable until evicted.
+            "cached_free_block_ids": [i for i in self.free_block_ids if self.blocks[i].block_hash is not None],
             "kv_block_size": self.kv_block_size,
             "prefix_cache_hit_rate": round(self.prefix_stats.hit_rate, 4),
         }

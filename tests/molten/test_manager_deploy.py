@@ -48,7 +48,7 @@ def test_deploy_unscheduled_worker_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="could not place the colocated worker") as failure:
         deploy(monkeypatch, "DEPLOYING", UNSCHEDULED)
     assert '{"CPU": 0.19}' in str(failure.value)
-    assert "lower worker_num_cpus" in str(failure.value)
+    assert "lower `molten serve --worker-cpus`" in str(failure.value)
 
 
 def test_deploy_failed_worker_names_exception(monkeypatch):
