@@ -38,6 +38,8 @@ KERNEL_NAMES = {
     "int8": "torch._weight_int8pack_mm",
     "int4": "torch._weight_int4pack_mm_for_cpu",
 }
+INTEGER_PRECISIONS = ("int4", "int8")
+"""Integer weight precisions, smallest weights first."""
 ATTENTION_PHASE = "attention (paged_attention)"
 STEP_PHASE = "step (total)"
 
@@ -115,7 +117,7 @@ def _kernel_sentence(inputs: BoundInputs, precision: str) -> str | None:
     return (
         f"One {precision} product of the LM head's size ({timings.in_features} x {timings.out_features}, "
         f"{_mb(timing.weight_bytes)} of weights, {KERNEL_NAMES.get(precision, precision)}) took {timing.ms:.2f} ms at "
-        f"batch 1, reading its weights at {timing.weight_gb_per_s:.1f} GB/s, "
+        f"batch 1. It read its weights at {timing.weight_gb_per_s:.1f} GB/s, "
         f"{_share(timing.weight_gb_per_s, ceilings.copy_gb_per_s)} of the measured copy bandwidth"
         f"{' (the weights partly fit in the CPU caches)' if timing.weight_gb_per_s > ceilings.copy_gb_per_s else ''}."
     )
@@ -146,14 +148,14 @@ def explain_transformers(target: TargetResult, inputs: BoundInputs) -> list[str]
     weights = inputs.weight_bytes.get("float32")
     if ceilings is not None and weights and engine and peer and engine.decode_tokens_per_s and peer.decode_tokens_per_s:
         ceiling = ceilings.decode_tokens_per_s(weights)
-        wanted = target.bound * peer.decode_tokens_per_s
+        target_rate = target.bound * peer.decode_tokens_per_s
         sentences.append(
             f"A decode step reads all {_mb(weights)} of weights; at the measured copy bandwidth of "
             f"{ceilings.copy_gb_per_s:.1f} GB/s that allows at most {ceiling:.1f} tokens/s. Molten decoded "
             f"{engine.decode_tokens_per_s:.1f} tokens/s ({_share(engine.decode_tokens_per_s, ceiling)} of that "
             f"ceiling) and transformers {peer.decode_tokens_per_s:.1f} "
             f"({_share(peer.decode_tokens_per_s, ceiling)}); {target.bound:g}x transformers would be "
-            f"{wanted:.1f} tokens/s, {_share(wanted, ceiling)} of the ceiling."
+            f"{target_rate:.1f} tokens/s, {_share(target_rate, ceiling)} of the ceiling."
         )
 
     kernel = _kernel_sentence(inputs, "float32")
@@ -162,10 +164,14 @@ def explain_transformers(target: TargetResult, inputs: BoundInputs) -> list[str]
     return sentences
 
 
-def _fastest_engine(inputs: BoundInputs) -> tuple[str, RunMetrics] | None:
-    runs = [(key.rsplit("/", 1)[1], result) for key, result in inputs.results.items()
+def _engine_runs(inputs: BoundInputs) -> list[tuple[str, RunMetrics]]:
+    """Return (precision, run) of each single-stream engine run with a decode rate."""
+    return [(key.rsplit("/", 1)[1], result) for key, result in inputs.results.items()
             if key.startswith("single/engine/") and isinstance(result, RunMetrics) and result.decode_tokens_per_s]
-    return max(runs, key=lambda pair: pair[1].decode_tokens_per_s, default=None)
+
+
+def _fastest_engine(inputs: BoundInputs) -> tuple[str, RunMetrics] | None:
+    return max(_engine_runs(inputs), key=lambda pair: pair[1].decode_tokens_per_s, default=None)
 
 
 def explain_llamacpp(target: TargetResult, inputs: BoundInputs) -> list[str]:
@@ -191,32 +197,53 @@ def explain_llamacpp(target: TargetResult, inputs: BoundInputs) -> list[str]:
             f"{_mb(weights)} of weights at {molten_rate:.1f} GB/s ({_share(molten_rate, ceilings.copy_gb_per_s)})."
         )
 
-    kernel = _kernel_sentence(inputs, precision)
+    runs = dict(_engine_runs(inputs))
+    integer = [name for name in INTEGER_PRECISIONS if name in runs]
+    if precision not in INTEGER_PRECISIONS and integer:
+        speeds = ", ".join(f"{name} {runs[name].decode_tokens_per_s:.1f} tokens/s" for name in integer)
+        sentences.append(f"Molten's integer precisions decoded no faster than {precision} in this run ({speeds}).")
+
+    # Explain with the integer kernel even when float32 won this run, because its
+    # rate, not float32's, is what a fast quantized Molten is bound by.
     timings = inputs.kernels
-    timing = timings.find(precision, 1) if timings else None
+    kernel_precision = next(
+        (name for name in (precision, *INTEGER_PRECISIONS)
+         if name in INTEGER_PRECISIONS and timings and timings.find(name, 1) and inputs.weight_bytes.get(name)),
+        precision,
+    )
+    kernel = _kernel_sentence(inputs, kernel_precision)
+    timing = timings.find(kernel_precision, 1) if timings else None
     float_timing = timings.find("float32", 1) if timings else None
+    kernel_weights = inputs.weight_bytes.get(kernel_precision)
+    kernel_run = runs.get(kernel_precision, molten)
+    kernel_step_ms = 1000 / kernel_run.decode_tokens_per_s
     kernel_ms = None
-    if kernel and timing and weights:
-        kernel_ms = weights / (timing.weight_gb_per_s * 1e9) * 1000
-        against = f" (float32: {float_timing.ms:.2f} ms)" if float_timing and precision != "float32" else ""
+    if kernel and timing and kernel_weights:
+        kernel_ms = kernel_weights / (timing.weight_gb_per_s * 1e9) * 1000
+        against = ""
+        if float_timing and kernel_precision != "float32":
+            against = f" The same product in float32 took {float_timing.ms:.2f} ms."
         sentences.append(
-            f"The first bound is PyTorch's {precision} kernel, where llama.cpp runs its own hand-written quantized "
-            f"kernels. {kernel[:-1]}{against}. At that rate, reading all of Molten's {precision} weights takes about "
-            f"{kernel_ms:.1f} ms per step, {_share(kernel_ms, llama_step_ms)} of llama.cpp's whole step."
+            f"The first bound is PyTorch's {kernel_precision} kernel, where llama.cpp runs its own hand-written "
+            f"quantized kernels. {kernel}{against} At that rate, reading all of Molten's {kernel_precision} "
+            f"weights takes about {kernel_ms:.1f} ms per step, {_share(kernel_ms, llama_step_ms)} of llama.cpp's "
+            "whole step."
         )
 
     batch_one = inputs.profile(1)
     if batch_one is not None:
-        rest = "The rest of Molten's step"
-        if kernel_ms is not None and kernel_ms < molten_step_ms:
-            rest = f"The other {molten_step_ms - kernel_ms:.1f} ms of Molten's step"
+        rest = f"The rest of Molten's {kernel_precision} step"
+        if kernel_ms is not None and kernel_ms < kernel_step_ms:
+            rest = f"The other {kernel_step_ms - kernel_ms:.1f} ms of Molten's {kernel_step_ms:.1f} ms {kernel_precision} step"
+        conversions = " conversions to and from bfloat16," if kernel_precision in INTEGER_PRECISIONS else ""
+        outside_share = _share(batch_one.outside_operators_ms, batch_one.profiled_step_ms)
         sentences.append(
-            f"{rest} is attention, norms, conversions to and from bfloat16, sampling and Python. The second bound "
-            f"is that Python: the {inputs.dtype} profile counts {batch_one.operator_calls:,.0f} torch operator calls "
-            f"per step over {inputs.num_layers} layers, and {batch_one.outside_operators_ms:.1f} ms of a "
-            f"{batch_one.profiled_step_ms:.1f} ms step ({_share(batch_one.outside_operators_ms, batch_one.profiled_step_ms)}"
-            f", under the profiler) passed outside torch operators. That time does not shrink with the weights; "
-            f"it alone is {_share(batch_one.outside_operators_ms, llama_step_ms)} of llama.cpp's step."
+            f"{rest} is attention, norms,{conversions} sampling and Python. The second bound is that Python: the "
+            f"{inputs.dtype} profile counts {batch_one.operator_calls:,.0f} torch operator calls per step over "
+            f"{inputs.num_layers} layers, and {batch_one.outside_operators_ms:.1f} ms of a "
+            f"{batch_one.profiled_step_ms:.1f} ms step ({outside_share}, under the profiler) passed outside torch "
+            f"operators. That time does not shrink with the weights; it alone is "
+            f"{_share(batch_one.outside_operators_ms, llama_step_ms)} of llama.cpp's step."
         )
     return sentences
 
@@ -235,10 +262,11 @@ def explain_static_batch(target: TargetResult, inputs: BoundInputs) -> list[str]
         verdict = "short of" if best_ratio < target.bound else "enough for"
         sentences.append(
             f"Both systems run the same {dtype} matmuls, so continuous batching wins only by keeping more sequences "
-            f"in each step and wasting fewer steps. In the batch sweep Molten's best rate was "
-            f"{best.output_tokens_per_s:.1f} tokens/s at batch {best_batch}, {best_ratio:.2f}x transformers' "
-            f"static batch {static} in the same sweep ({peer_static.output_tokens_per_s:.1f} tokens/s): even one "
-            f"batch holding every request is {verdict} {target.bound:g}x."
+            "in each step and wasting fewer steps. The batch sweep's prompts all have one length, so static batches "
+            f"there waste nothing on padding. Molten's best sweep rate, {best.output_tokens_per_s:.1f} tokens/s "
+            f"at batch {best_batch}, is {best_ratio:.2f}x transformers' static batch {static} "
+            f"({peer_static.output_tokens_per_s:.1f} tokens/s), {verdict} {target.bound:g}x even with every request "
+            f"in one batch. The concurrent workload's uneven prompts give the measured {target.measured:.2f}x."
         )
 
     steps = {b: run.itl.p50_ms for b, run in engine_sweep.items() if run.itl}
@@ -287,15 +315,16 @@ def explain_matmul_ceiling(target: TargetResult, inputs: BoundInputs) -> list[st
 
     widest = measured[-1]
     rates = ", ".join(
-        f"{timings.gflop_per_s(t):.1f} GFLOP/s at batch {t.batch_size} ({_share(timings.gflop_per_s(t), rate)})"
+        f"{_share(timings.gflop_per_s(t), rate)} of that rate at batch {t.batch_size} ({timings.gflop_per_s(t):.1f} "
+        "GFLOP/s)"
         for t in measured
     )
     ceiling = engine.output_tokens_per_s / target.measured
     at_batch = ceiling * timings.gflop_per_s(widest) / rate
     sentences.append(
         f"The ceiling assumes the {rate:.1f} GFLOP/s of a {MATMUL_SIZE}^3 product, which has enough rows to keep the "
-        f"arithmetic units busy. Decode multiplies one row per running sequence, at most {rows} here: one {dtype} "
-        f"LM-head-sized product ran at {rates}, as shares of that rate. At the batch-{widest.batch_size} rate the ceiling "
+        f"arithmetic units busy. Decode multiplies one row per running sequence, at most {rows} here. One {dtype} "
+        f"LM-head-sized product reached {rates}. At the batch-{widest.batch_size} rate the ceiling "
         f"would be {at_batch:.1f} tokens/s instead of {ceiling:.1f}, and Molten's "
         f"{engine.output_tokens_per_s:.1f} tokens/s is {_share(engine.output_tokens_per_s, at_batch)} of it."
     )
@@ -349,8 +378,8 @@ def explain_shared_prefix(target: TargetResult, inputs: BoundInputs) -> list[str
     waiting_ms = on.ttft.mean_ms - own_ms
     sentences.append(
         f"Of the {on.ttft.mean_ms:,.0f} ms mean TTFT with caching, prefilling a request's own "
-        f"{sizes.shared_suffix_len} tokens at the uncached rate accounts for {own_ms:,.0f} ms; the other "
-        f"{waiting_ms:,.0f} ms is queueing: for the shared {sizes.shared_prefix_len}-token prompt to be prefilled "
+        f"{sizes.shared_suffix_len} tokens at the uncached rate accounts for {own_ms:,.0f} ms. The other "
+        f"{waiting_ms:,.0f} ms is queueing: first for the shared {sizes.shared_prefix_len}-token prompt to be prefilled "
         f"once ({shared_ms:,.0f} ms at that rate), then for the steps of the other requests, which also decode "
         f"their {sizes.shared_new_tokens} new tokens in those steps once they have a first token."
     )

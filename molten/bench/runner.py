@@ -247,6 +247,8 @@ def render_saved(path: Path) -> tuple[BenchReport, BenchContext]:
     saved = pickle.loads(path.read_bytes())
     if not isinstance(saved, SavedRun):
         raise ValueError(f"{path} is not a saved molten bench run; pass a file written by --save-results")
+    # The hardware line reports torch's thread count, so set the run's own.
+    torch.set_num_threads(saved.options.num_threads)
     context = BenchContext(saved.options)
     context.results.update(saved.results)
     context.log.extend(saved.log)

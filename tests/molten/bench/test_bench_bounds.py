@@ -101,7 +101,7 @@ def test_transformers_bound_matmul_share():
     assert "3.2 tokens/s (31% of that ceiling)" in text
     assert "1.5x transformers would be 4.8 tokens/s, 46% of the ceiling" in text
     # 113 MB in 20 ms = 5.7 GB/s, just over the copy bandwidth.
-    assert "reading its weights at 5.7 GB/s, 101% of the measured copy bandwidth" in text
+    assert "It read its weights at 5.7 GB/s, 101% of the measured copy bandwidth" in text
 
 
 def test_transformers_bound_small_matmul_share():
@@ -116,19 +116,36 @@ def test_llamacpp_bound_kernel_and_python():
     assert "llama.cpp decoded 57.8 tokens/s, a step every 17.3 ms" in text
     assert "Molten int4 decoded 22.9 tokens/s, a step every 43.7 ms" in text
     assert "torch._weight_int4pack_mm_for_cpu" in text
-    assert "(float32: 20.00 ms)" in text
+    assert "The same product in float32 took 20.00 ms." in text
     # 15.9 MB in 10 ms is 1.59 GB/s, so 170 MB take 106.7 ms: more than either whole step.
-    assert "reading its weights at 1.6 GB/s" in text
+    assert "It read its weights at 1.6 GB/s" in text
     assert "takes about 106.7 ms per step, 617% of llama.cpp's whole step" in text
     assert "1,500 torch operator calls per step over 30 layers" in text
     assert "30.0 ms of a 100.0 ms step (30%" in text
+    assert "The rest of Molten's int4 step" in text
+    assert "conversions to and from bfloat16" in text
+    assert "no faster than" not in text
+
+
+def test_llamacpp_bound_when_float32_was_fastest():
+    inputs = synthetic_inputs()
+    results = dict(inputs.results)
+    results[single.key("engine", "int4")] = run(decode=2.0, dtype="int4")
+    slow_int4 = bounds.BoundInputs(results, inputs.sizes, "float32", inputs.weight_bytes, 30, GGUF_BYTES)
+    text = " ".join(bounds.explain_llamacpp(missed(TARGET_LLAMACPP, 1.0, 3.2 / 57.8), slow_int4))
+    assert "Molten float32 decoded 3.2 tokens/s" in text
+    assert "no faster than float32 in this run (int4 2.0 tokens/s)" in text
+    # The kernel explanation still uses the int4 kernel, against the int4 run's 500 ms step.
+    assert "PyTorch's int4 kernel" in text
+    assert "The other 393.3 ms of Molten's 500.0 ms int4 step" in text
 
 
 def test_static_batch_bound_from_sweep():
     text = " ".join(bounds.explain_static_batch(missed(TARGET_STATIC_BATCH, 3.0, 1.11), synthetic_inputs()))
     # Best sweep rate 17.9 at batch 8 over transformers' 13.2 at batch 4.
-    assert "17.9 tokens/s at batch 8, 1.36x transformers' static batch 4" in text
-    assert "is short of 3x" in text
+    assert "17.9 tokens/s at batch 8, is 1.36x transformers' static batch 4" in text
+    assert "short of 3x even with every request in one batch" in text
+    assert "uneven prompts give the measured 1.11x" in text
     assert "from 100 ms at batch 1 to 160 ms at batch 4 (1.60x the time for 4x the tokens, so 2.50x" in text
     assert "20.00 ms at batch 1 and 50.00 ms at batch 4 (2.50x)" in text
     assert "matrix products took 60% of the step" in text
@@ -138,7 +155,7 @@ def test_static_batch_bound_from_sweep():
 def test_matmul_ceiling_bound_small_batch_rate():
     text = " ".join(bounds.explain_matmul_ceiling(missed(TARGET_MATMUL_CEILING, 0.5, 0.27), synthetic_inputs()))
     # 2 * 8 * 576 * 49152 FLOPs in 60 ms = 7.5 GFLOP/s, 40% of 18.9 GFLOP/s.
-    assert "7.5 GFLOP/s at batch 8 (40%)" in text
+    assert "40% of that rate at batch 8 (7.5 GFLOP/s)" in text
     ceiling = 19.1 / 0.27
     assert f"instead of {ceiling:.1f}" in text
     at_batch = ceiling * (2 * 8 * 576 * 49152 / 0.060 / 1e9) / 18.9
@@ -154,7 +171,7 @@ def test_shared_prefix_bound_splits_ttft():
     assert "128 tokens/s, against 198 tokens/s without caching" in text
     assert "The cached prompts prefilled more slowly" in text
     # Own 32-token suffix at 198 tokens/s = 162 ms; 6,000 - 162 = 5,838 ms waiting.
-    assert "accounts for 162 ms; the other 5,838 ms is queueing" in text
+    assert "accounts for 162 ms. The other 5,838 ms is queueing" in text
 
 
 def test_section_lists_only_missed_targets():
@@ -221,3 +238,30 @@ def test_render_from_rejects_other_files(tmp_path: Path, capsys):
     other.write_bytes(pickle.dumps({"not": "a run"}))
     with pytest.raises(ValueError, match="--save-results"):
         render_saved(other)
+
+
+def test_linear_kernels_time_each_precision():
+    layers = kernels.build_layers(64, 256, ["int8", "int4"])
+    timings = LinearKernels(64, 256, kernels.time_layers(layers, 64, [1, 4]))
+    assert [(t.precision, t.batch_size) for t in timings.timings] == [
+        ("float32", 1), ("float32", 4), ("int8", 1), ("int4", 1)]
+    float_bytes = timings.find("float32", 1).weight_bytes
+    assert float_bytes == 64 * 256 * 4
+    assert timings.find("int8", 1).weight_bytes < float_bytes / 3
+    assert timings.find("int4", 1).weight_bytes < timings.find("int8", 1).weight_bytes
+    assert all(t.ms > 0 for t in timings.timings)
+
+
+def test_operator_totals_count_matmuls():
+    import torch
+    import torch.profiler
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as torch_profile:
+        for _ in range(4):
+            torch.relu(torch.mm(a, b))
+    totals = profile._operator_totals(torch_profile, num_steps=2)
+    assert totals["matmul_ms"] > 0
+    assert totals["operator_ms"] > totals["matmul_ms"]
+    # Two mm and two relu calls per step at least, plus what they call inside.
+    assert totals["operator_calls"] >= 4
