@@ -225,9 +225,9 @@ def explain_llamacpp(target: TargetResult, inputs: BoundInputs) -> list[str]:
             against = f" The same product in float32 took {float_timing.ms:.2f} ms."
         sentences.append(
             f"The first bound is PyTorch's {kernel_precision} kernel, where llama.cpp runs its own hand-written "
-            f"quantized kernels. {kernel}{against} At that rate, reading all of Molten's {kernel_precision} "
+            f"quantized kernels. {kernel} At that rate, reading all of Molten's {kernel_precision} "
             f"weights takes about {kernel_ms:.1f} ms per step, {_share(kernel_ms, llama_step_ms)} of llama.cpp's "
-            "whole step."
+            f"whole step.{against}"
         )
 
     batch_one = inputs.profile(1)
@@ -239,7 +239,8 @@ def explain_llamacpp(target: TargetResult, inputs: BoundInputs) -> list[str]:
         outside_share = _share(batch_one.outside_operators_ms, batch_one.profiled_step_ms)
         sentences.append(
             f"{rest} is attention, norms,{conversions} sampling and Python. The second bound is that Python: the "
-            f"{inputs.dtype} profile counts {batch_one.operator_calls:,.0f} torch operator calls per step over "
+            f"{inputs.dtype} profile counts {batch_one.operator_calls:,.0f} torch operator calls (nested ones included) "
+            "per step over "
             f"{inputs.num_layers} layers, and {batch_one.outside_operators_ms:.1f} ms of a "
             f"{batch_one.profiled_step_ms:.1f} ms step ({outside_share}, under the profiler) passed outside torch "
             f"operators. That time does not shrink with the weights; it alone is "
