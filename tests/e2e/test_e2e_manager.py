@@ -143,7 +143,7 @@ def test_load_short_of_cpus_rejected(client, manager_settings):
     message = error["message"]
     assert "need 1000.00 CPU (500 each, worker_num_cpus)" in message
     assert "CPU are free" in message
-    for fix in ("molten models unload", "--mode colocated", "lower worker_num_cpus"):
+    for fix in ("molten models unload", "--mode colocated", "molten serve --worker-cpus"):
         assert fix in message
     # Rejected by the check, not by a deploy that waited: the re-check lasts about 2 s.
     assert elapsed < 15
