@@ -195,12 +195,14 @@ class MoltenIngress:
         route = await self.manager.acquire.remote(model, os.getpid())
         if "error" in route:
             raise manager_error_to_api_error(route["error"])
+        # BaseException: a client disconnect cancels this coroutine while the tokenizer
+        # loads, and the lease must still be released or the model never drains.
         try:
             tokenizer = await self._tokenizer(route["spec"])
-        except Exception:
+            return Lease(route, self._router_for(route), tokenizer)
+        except BaseException:
             self.release(route["lease_id"])
             raise
-        return Lease(route, self._router_for(route), tokenizer)
 
     def release(self, lease_id: str) -> None:
         """Tell the manager a request ended; runs as its own task so a cancelled stream still releases."""
@@ -219,8 +221,10 @@ class MoltenIngress:
             async for event in stream:
                 yield event
         finally:
-            await stream.aclose()
-            self.release(lease.lease_id)
+            try:
+                await stream.aclose()
+            finally:
+                self.release(lease.lease_id)
 
     # -- request preparation ----------------------------------------------------------
 

@@ -43,10 +43,12 @@ def serve_session():
             probe.bind(("127.0.0.1", 0))
             return probe.getsockname()[1]
 
-    # Small Ray CPU shares: the session deploys up to four applications into a Ray
-    # instance that advertises the machine's real core count.
+    # Small Ray CPU shares: every test module deploys its own application (ingress,
+    # manager and one to four workers) into one Ray instance that advertises the
+    # machine's real core count, and the manager rejects a load that does not fit.
+    # With 0.02 per worker and 2 Ray CPUs, the whole session's workers fit at once.
     settings = ServeSettings(
-        http_port=free_port(), dashboard_port=free_port(), ui_port=0, worker_num_cpus=0.2, ingress_num_cpus=0.05
+        http_port=free_port(), dashboard_port=free_port(), ui_port=0, worker_num_cpus=0.02, ingress_num_cpus=0.02
     )
     start_serve(settings)
     try:
