@@ -76,6 +76,7 @@ class EngineMetrics:
 
     def __init__(self, model_id: str, role: str, application: str):
         self.role = role
+        self.num_token_errors = 0
         self._define_latencies()
         self._define_counters()
         self._define_gauges()
@@ -244,7 +245,8 @@ class EngineMetrics:
     def observe_token(self, event: TokenEvent, now: float, arrival_time: float, previous_token_time: float | None) -> None:
         """Record one token handed to the ingress at `now` (unix seconds)."""
         self.generation_tokens.inc()
-        if event.index == 0:
+        if event.index == 0 and event.seq_index == 0:
+            # One TTFT per request: with n > 1 every sequence has an index-0 token.
             self._observe_latency(self.ttft, now - arrival_time)
             self.prompt_tokens.inc(event.num_prompt_tokens)
         elif previous_token_time is not None:
@@ -269,7 +271,13 @@ class EngineMetrics:
         try:
             async for event in events:
                 now = time.time()
-                self.observe_token(event, now, arrival_time, previous.get(event.seq_index, previous_token_time))
+                try:
+                    self.observe_token(event, now, arrival_time, previous.get(event.seq_index, previous_token_time))
+                except Exception:
+                    # A metrics failure must never end the client's stream.
+                    self.num_token_errors += 1
+                    if self.num_token_errors == 1:
+                        logger.exception("recording token metrics failed; later failures are counted, not logged")
                 previous[event.seq_index] = now
                 yield event
         finally:

@@ -109,6 +109,32 @@ def test_track_chains_itl_per_sequence(metrics, monkeypatch):
     assert values(metrics.itl) == pytest.approx([0.5, 0.6, 0.4, 0.5])
 
 
+def test_ttft_once_per_request_with_n(metrics):
+    metrics.observe_token(token(0, seq_index=0), 3.0, 1.0, None)
+    metrics.observe_token(token(0, seq_index=1), 3.5, 1.0, None)
+    assert values(metrics.ttft) == pytest.approx([2.0])
+    assert values(metrics.prompt_tokens) == [7]
+    assert values(metrics.generation_tokens) == [1, 1]
+
+
+def test_track_survives_metric_failure(metrics):
+    def broken(*args, **kwargs):
+        raise ValueError("tag rejected")
+
+    metrics.generation_tokens.inc = broken
+    events = [token(0), token(1), token(2, finish_reason="stop")]
+
+    async def source():
+        for event in events:
+            yield event
+
+    async def consume():
+        return [event async for event in metrics.track(source(), arrival_time=1.0)]
+
+    assert asyncio.run(consume()) == events
+    assert metrics.num_token_errors == 3
+
+
 def test_step_sets_gauges_and_queue_times(metrics):
     engine = SimpleNamespace(
         step_stats=SimpleNamespace(last=lambda: SimpleNamespace(admitted=[{"request_id": "r", "queue_ms": 250.0}])),
