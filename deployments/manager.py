@@ -251,6 +251,20 @@ def gpu_memory_snapshot(pids: set[int]) -> dict | None:
         pynvml.nvmlShutdown()
 
 
+def measure_memory(pids: set[int]) -> dict:
+    """Measure system memory, the RSS of `pids` and their GPU memory (NVML) at this moment."""
+    rss = process_rss_bytes(pids)
+    system = psutil.virtual_memory()
+    return {
+        "time": time.time(),
+        "system_used_bytes": system.total - system.available,
+        "system_total_bytes": system.total,
+        "process_rss_bytes": {str(pid): size for pid, size in rss.items()},
+        "molten_rss_bytes": sum(rss.values()),
+        "gpu": gpu_memory_snapshot(pids),
+    }
+
+
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=10)
 class ModelManager:
     """Owns the deployed models: loads, unloads and swaps them, hands out routing leases, keeps memory ledgers."""
@@ -282,7 +296,7 @@ class ModelManager:
             "models": [record.to_dict() for record in self.records.values()],
             "aliases": {alias: dict(targets) for alias, targets in self.aliases.items()},
             "memory": self._budget_view(),
-            "system": self._memory_snapshot(),
+            "system": await self._memory_snapshot_off_loop(),
             "cold_starts": list(self.cold_starts),
             "manager_pid": os.getpid(),
             "settings": dataclasses.asdict(self.settings.manager),
@@ -320,25 +334,23 @@ class ModelManager:
             "free_bytes": None if budget is None else budget - used - loading,
         }
 
-    def _memory_snapshot(self) -> dict:
-        """Measure the system view: system memory, RSS of Molten's processes, GPU memory per process."""
+    def _molten_pids(self) -> set[int]:
         worker_pids = {
             worker["pid"]
             for record in self.records.values()
             if record.state in ("ready", "draining", "loading")
             for worker in record.workers
         }
-        pids = {os.getpid()} | self.client_pids | worker_pids
-        rss = process_rss_bytes(pids)
-        system = psutil.virtual_memory()
-        return {
-            "time": time.time(),
-            "system_used_bytes": system.total - system.available,
-            "system_total_bytes": system.total,
-            "process_rss_bytes": {str(pid): size for pid, size in rss.items()},
-            "molten_rss_bytes": sum(rss.values()),
-            "gpu": gpu_memory_snapshot(pids),
-        }
+        return {os.getpid()} | self.client_pids | worker_pids
+
+    def _memory_snapshot(self) -> dict:
+        """Measure the system view: system memory, RSS of Molten's processes, GPU memory per process."""
+        return measure_memory(self._molten_pids())
+
+    async def _memory_snapshot_off_loop(self) -> dict:
+        """The same snapshot measured in a thread, so psutil and NVML do not stall leases."""
+        return await asyncio.to_thread(measure_memory, self._molten_pids())
+
 
     # -- leases (called by the ingress for every request) --------------------------------
 
