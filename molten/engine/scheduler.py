@@ -150,12 +150,18 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            # NOTE: each running sequence takes its 1 + k tokens in order, so with many
+            # sequences and a large k the tail can miss a step while the head spends the
+            # budget on drafts. Reserving one token per sequence first would be fairer.
             num_new = self._fit_drafts(seq, budget)
             while not self.block_manager.allocate_slots(seq, num_new):
                 if seq.num_draft_tokens:
                     seq.drop_draft_tokens()
                     num_new = min(seq.num_uncomputed_tokens, budget)
                     continue
+                # NOTE: sequences scheduled earlier in this step keep the slots of their own
+                # drafts, so a plain decode can be preempted to make room for another
+                # sequence's drafts; dropping those first would need their blocks trimmed.
                 victim = self.running[-1]
                 self._preempt(victim)
                 output.preempted.append(victim)
