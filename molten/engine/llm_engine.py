@@ -370,6 +370,7 @@ class LLMEngine:
         for beam in group.beams:
             if beam.seq.seq_id not in survivors:
                 self.scheduler.remove(beam.seq)
+                self.outputs.pop(beam.seq.seq_id, None)
         new_beams.sort(key=lambda beam: -beam.score)
         group.beams = new_beams
         self.sequences[group.request_id] = [beam.seq for beam in new_beams]
@@ -436,8 +437,10 @@ class LLMEngine:
             self.scheduler.remove(beam.seq)
             beam.seq.status = SequenceStatus.FINISHED_STOPPED
         self.beam_groups.pop(group.request_id, None)
-        self.sequences.pop(group.request_id, None)
-        self.outputs.pop(best.seq_id, None)
+        # The request's first sequence keeps an output processor even when its beam was dropped.
+        first_seqs = self.sequences.pop(group.request_id, None) or []
+        for seq_id in {beam.seq.seq_id for beam in group.beams} | {seq.seq_id for seq in first_seqs} | {best.seq_id}:
+            self.outputs.pop(seq_id, None)
         return events
 
     @staticmethod

@@ -85,3 +85,17 @@ def test_beam_width_validation():
         SamplingParams(beam_width=21, temperature=0.0)
     with pytest.raises(SamplingParamsError):
         SamplingParams(beam_width=2, temperature=0.0, n=2)
+
+
+def test_beam_search_leaves_no_output_state(tiny_llama, make_engine):
+    # Finished or dropped beams must release their detokenizer state, or a long-lived engine grows.
+    engine = make_engine(tiny_llama, kv_block_size=4)
+    for index, prompt in enumerate(random_prompts(19, 3, 5, 30)):
+        engine.add_request(f"beam-{index}", prompt, beam_params())
+    for _ in range(MAX_STEPS):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert not engine.has_unfinished()
+    assert engine.outputs == {}
+    assert engine.sequences == {}
