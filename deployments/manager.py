@@ -274,7 +274,9 @@ class ModelManager:
         self.records: dict[str, ModelRecord] = {}
         self.aliases: dict[str, dict[str, float]] = {}
         """Alias → {model id: weight}; a request for the alias goes to one target, chosen by weight."""
-        self.leases: dict[str, str] = {}
+        # A lease points at the record it counted on, so a late release after a reload of the
+        # same model id cannot decrement the new record's in-flight count.
+        self.leases: dict[str, ModelRecord] = {}
         """Lease id → model id, for requests in flight."""
         self.cold_starts: list[dict] = []
         """Every finished load: model, mode, load and cold-start seconds, and the swap it was part of."""
@@ -380,14 +382,13 @@ class ModelManager:
         if record is None or record.state != "ready" or self.records.get(target) is not record:
             return await self._not_found(model, record)
         lease_id = uuid.uuid4().hex
-        self.leases[lease_id] = target
+        self.leases[lease_id] = record
         record.in_flight += 1
         record.last_used = time.time()
         return {"lease_id": lease_id, "requested": model, **self._route(record)}
 
     async def release(self, lease_id: str) -> None:
-        model_id = self.leases.pop(lease_id, None)
-        record = self.records.get(model_id) if model_id else None
+        record = self.leases.pop(lease_id, None)
         if record is not None:
             record.in_flight = max(0, record.in_flight - 1)
 
