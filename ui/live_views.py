@@ -20,7 +20,7 @@ from typing import Any
 from molten.ui.chat import summarize_exception
 from molten.ui.kv_view import render_kv_html
 from molten.ui.telemetry_view import format_latest_sample_markdown, telemetry_frames
-from molten.ui.trace_view import roofline_figure, roofline_summary_markdown, steps_table, trace_frame
+from molten.ui.trace_view import clock_time, roofline_figure, roofline_summary_markdown, steps_table, trace_frame
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +175,11 @@ def status_markdown(state: LiveState) -> str:
     if state.num_polls == 0:
         return "Waiting for the first poll."
     stamp = time.strftime("%H:%M:%S", time.localtime(state.poll_time))
+    newest = state.last_sample_time()
+    newest_text = f", newest at {clock_time(newest)}" if newest is not None else ""
     lines = [
-        f"Last poll {stamp}: {len(state.telemetry_samples)} telemetry samples (last {TELEMETRY_WINDOW_S:.0f} s), "
-        f"{state.num_steps} engine steps (last {TRACE_WINDOW_S:.0f} s)."
+        f"Last poll {stamp}: {len(state.telemetry_samples)} telemetry samples (last {TELEMETRY_WINDOW_S:.0f} s"
+        f"{newest_text}), {state.num_steps} engine steps (last {TRACE_WINDOW_S:.0f} s)."
     ]
     if state.telemetry_notice:
         lines.append(f"ℹ️ {state.telemetry_notice}")

@@ -461,6 +461,8 @@ def test_render_outputs_fill_every_view():
     assert outputs.trace["tokens"].tolist() == [2]
     assert outputs.steps["step"].tolist() == [1]
     assert "1 telemetry samples" in outputs.status
+    # The browser test waits for this time to advance: the count stops growing once the window is full.
+    assert f"newest at {clock_time(NOW - 1)}" in outputs.status
 
 
 def test_render_outputs_skip_unchanged_views():
