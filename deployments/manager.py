@@ -350,7 +350,7 @@ class ModelManager:
         return measure_memory(self._molten_pids())
 
     async def _memory_snapshot_off_loop(self) -> dict:
-        """The same snapshot measured in a thread, so psutil and NVML do not stall leases."""
+        """Measure the same snapshot in a thread, so psutil and NVML calls do not stall the leases."""
         return await asyncio.to_thread(measure_memory, self._molten_pids())
 
 

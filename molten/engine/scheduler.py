@@ -159,9 +159,9 @@ class Scheduler:
                     seq.drop_draft_tokens()
                     num_new = min(seq.num_uncomputed_tokens, budget)
                     continue
-                # NOTE: sequences scheduled earlier in this step keep the slots of their own
-                # drafts, so a plain decode can be preempted to make room for another
-                # sequence's drafts; dropping those first would need their blocks trimmed.
+                # NOTE: sequences scheduled earlier in this step keep the slots of their drafts.
+                # So a plain decode can be preempted to make room for another sequence's drafts.
+                # Dropping those drafts first would need their blocks trimmed.
                 victim = self.running[-1]
                 self._preempt(victim)
                 output.preempted.append(victim)
